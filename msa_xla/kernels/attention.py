@@ -1,0 +1,202 @@
+"""The masked attention core: one function owns the math, layers own the projections.
+
+    out = masked_attention(q, k, v, q_mask, kv_mask, impl="fused")
+
+Shapes: q (B, Tq, H, Dh), k and v (B, Tk, H, Dh), masks (B, T) bool with True = valid.
+Three implementations of the same math, chosen by one validated string:
+
+- ``reference``: einsum, float32 softmax, einsum. Readable; the oracle of the tests.
+- ``fused``: the same math as one ``tf.function(jit_compile=True)`` unit, so XLA fuses
+  scale, mask, softmax and both matmuls even when the surrounding step is not compiled.
+- ``chunked``: online softmax over key blocks (flash-attention style) with a hand-written
+  backward pass that recomputes each block, so forward and backward keep O(Tq x block)
+  instead of O(Tq x Tk) activations. For long unaligned sequences (MOSI audio 375, video 500).
+
+Masking rules shared by all three (why: bf16 and fully padded rows):
+- logits are float32 and masked with ``tf.where`` on a boolean, never by adding large
+  negatives (two ``finfo.min`` in bf16 sum to -inf and a fully masked row becomes NaN);
+- a query whose keys are all masked, and a masked query, get an output of zeros.
+"""
+
+import math
+
+import tensorflow as tf
+
+ATTENTION_IMPLS = ("reference", "fused", "chunked")
+DEFAULT_BLOCK_SIZE = 128
+
+# Finite stand-in for -inf on masked logits (float32 only: logits are always float32).
+_MASKED_LOGIT = -1e30
+
+
+def validate_impl(impl):
+    """Returns `impl` if it names an attention implementation, else raises ValueError."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(
+            f"attention_impl={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    return impl
+
+
+def masked_attention(q, k, v, q_mask=None, kv_mask=None, *, impl="fused",
+                     block_size=DEFAULT_BLOCK_SIZE):
+    """Scaled dot-product attention with key and query padding masks.
+
+    Args:
+      q: (B, Tq, H, Dh) queries.
+      k: (B, Tk, H, Dh) keys.
+      v: (B, Tk, H, Dh) values.
+      q_mask: optional (B, Tq) bool, True = valid query; masked queries output zeros.
+      kv_mask: optional (B, Tk) bool, True = valid key.
+      impl: one of ``ATTENTION_IMPLS``.
+      block_size: key block length for ``chunked``.
+
+    Returns:
+      (B, Tq, H, Dh) in the dtype of ``v``.
+
+    Example:
+      >>> q = tf.random.normal((2, 5, 4, 8)); kv = tf.random.normal((2, 7, 4, 8))
+      >>> masked_attention(q, kv, kv, kv_mask=tf.sequence_mask([7, 3], 7)).shape
+      TensorShape([2, 5, 4, 8])
+    """
+    validate_impl(impl)
+    batch, q_len, k_len = tf.shape(q)[0], tf.shape(q)[1], tf.shape(k)[1]
+    if q_mask is None:
+        q_mask = tf.ones((batch, q_len), tf.bool)
+    if kv_mask is None:
+        kv_mask = tf.ones((batch, k_len), tf.bool)
+    q_mask = tf.cast(q_mask, tf.bool)
+    kv_mask = tf.cast(kv_mask, tf.bool)
+    if impl == "reference":
+        return _reference(q, k, v, q_mask, kv_mask)
+    if impl == "fused":
+        return _fused(q, k, v, q_mask, kv_mask)
+    return _chunked(q, k, v, q_mask, kv_mask, block_size)
+
+
+def _reference(q, k, v, q_mask, kv_mask):
+    out_dtype = v.dtype
+    q, k, v = (tf.cast(t, tf.float32) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = tf.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, H, Tq, Tk)
+    key_valid = kv_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    logits = tf.where(key_valid, logits, _MASKED_LOGIT)
+    probs = tf.nn.softmax(logits, axis=-1)
+    # A row with no valid key would be uniform over padding: zero it instead.
+    probs = tf.where(key_valid, probs, 0.0)
+    out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, Tq, H, Dh)
+    out = tf.where(q_mask[:, :, None, None], out, 0.0)
+    return tf.cast(out, out_dtype)
+
+
+def _attention_math(q, k, v, q_mask, kv_mask):
+    """The fused path: matmuls in the input dtype, logits and softmax in float32."""
+    scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    logits = tf.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, H, Tq, Tk)
+    logits = tf.cast(logits, tf.float32)
+    key_valid = kv_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    logits = tf.where(key_valid, logits, _MASKED_LOGIT)
+    row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
+    weights = tf.where(key_valid, tf.exp(logits - row_max), 0.0)
+    # Normalise after the value matmul: (B, Tq, H, 1) divisions instead of (B, H, Tq, Tk).
+    denom = tf.reduce_sum(weights, axis=-1)  # (B, H, Tq)
+    out = tf.einsum("bhqk,bkhd->bqhd", tf.cast(weights, v.dtype), v)  # (B, Tq, H, Dh)
+    inv = tf.math.divide_no_nan(1.0, denom)  # 0 for rows with no valid key
+    inv = tf.where(q_mask[:, None, :], inv, 0.0)
+    inv = tf.transpose(inv, [0, 2, 1])[..., None]  # (B, Tq, H, 1)
+    return out * tf.cast(inv, v.dtype)
+
+
+_fused_xla = tf.function(_attention_math, jit_compile=True, autograph=False,
+                         reduce_retracing=False)
+
+
+def _fused(q, k, v, q_mask, kv_mask):
+    return _fused_xla(q, k, v, q_mask, kv_mask)
+
+
+def _chunked(q, k, v, q_mask, kv_mask, block_size):
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive")
+    k_len = k.shape[1]
+    if k_len is None:
+        raise ValueError("chunked attention needs a static key length (pad to a fixed seq_len)")
+    # Pad keys to whole blocks; padded keys are masked like any other padding.
+    num_blocks = -(-k_len // block_size)
+    pad = num_blocks * block_size - k_len
+    if pad:
+        k = tf.pad(k, [[0, 0], [0, pad], [0, 0], [0, 0]])
+        v = tf.pad(v, [[0, 0], [0, pad], [0, 0], [0, 0]])
+        kv_mask = tf.pad(kv_mask, [[0, 0], [0, pad]], constant_values=False)
+    out = _make_online_softmax_attention(kv_mask, int(block_size))(q, k, v)
+    return out * tf.cast(q_mask, out.dtype)[:, :, None, None]
+
+
+def _key_blocks(k, v, kv_mask, block_size):
+    """Yields (start, k_block, v_block, valid_block) over static key blocks."""
+    for start in range(0, k.shape[1], block_size):
+        stop = start + block_size
+        yield (start, k[:, start:stop], v[:, start:stop],
+               kv_mask[:, None, None, start:stop])  # valid: (B, 1, 1, blk)
+
+
+def _make_online_softmax_attention(kv_mask, block_size):
+    """Builds the custom-gradient attention over q, k, v for one key mask and block size.
+
+    The mask is closed over rather than passed, so the custom gradient's inputs are
+    exactly the three differentiable tensors.
+    """
+
+    @tf.custom_gradient
+    def online_softmax_attention(q, k, v):
+        """Flash-style forward; returns the output and a block-recomputing backward.
+
+        Only the output and the per-row log-sum-exp survive the forward pass, so memory
+        stays O(Tq x block) in both directions. Python loops unroll over static blocks
+        (seq lens are fixed), which XLA schedules without keeping every block alive.
+        """
+        dtype = v.dtype
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        q32 = tf.cast(q, tf.float32) * scale
+        batch, q_len, heads, depth = (tf.shape(q)[0], tf.shape(q)[1], q.shape[2], q.shape[3])
+        row_max = tf.fill([batch, heads, q_len], _MASKED_LOGIT)  # running max m
+        row_sum = tf.zeros([batch, heads, q_len])  # running sum l
+        acc = tf.zeros([batch, q_len, heads, depth])  # running numerator
+        for _, k_blk, v_blk, valid in _key_blocks(k, v, kv_mask, block_size):
+            logits = tf.einsum("bqhd,bkhd->bhqk", q32, tf.cast(k_blk, tf.float32))
+            logits = tf.where(valid, logits, _MASKED_LOGIT)
+            new_max = tf.maximum(row_max, tf.reduce_max(logits, axis=-1))
+            correction = tf.exp(row_max - new_max)  # rescales what was summed so far
+            weights = tf.where(valid, tf.exp(logits - new_max[..., None]), 0.0)
+            row_sum = row_sum * correction + tf.reduce_sum(weights, axis=-1)
+            acc = (acc * tf.transpose(correction, [0, 2, 1])[..., None]
+                   + tf.einsum("bhqk,bkhd->bqhd", weights, tf.cast(v_blk, tf.float32)))
+            row_max = new_max
+        has_key = row_sum > 0.0  # False where every key is padding
+        inv = tf.math.divide_no_nan(1.0, row_sum)
+        out32 = acc * tf.transpose(inv, [0, 2, 1])[..., None]  # (B, Tq, H, Dh)
+        # log-sum-exp per row; 0 where the row has no key (its weights are all masked anyway).
+        lse = tf.where(has_key, row_max + tf.math.log(tf.where(has_key, row_sum, 1.0)), 0.0)
+
+        def grad(d_out):
+            d_out = tf.cast(d_out, tf.float32)
+            # D_i = sum_d dO_i * O_i: the softmax Jacobian term, one scalar per row.
+            row_dot = tf.transpose(tf.reduce_sum(d_out * out32, axis=-1), [0, 2, 1])  # (B, H, Tq)
+            d_q = tf.zeros_like(q32)
+            d_k_blocks, d_v_blocks = [], []
+            for _, k_blk, v_blk, valid in _key_blocks(k, v, kv_mask, block_size):
+                k32, v32 = tf.cast(k_blk, tf.float32), tf.cast(v_blk, tf.float32)
+                logits = tf.einsum("bqhd,bkhd->bhqk", q32, k32)
+                probs = tf.where(valid, tf.exp(tf.minimum(logits - lse[..., None], 0.0)), 0.0)
+                d_v_blocks.append(tf.einsum("bhqk,bqhd->bkhd", probs, d_out))
+                d_probs = tf.einsum("bqhd,bkhd->bhqk", d_out, v32)
+                d_logits = probs * (d_probs - row_dot[..., None])
+                d_q += tf.einsum("bhqk,bkhd->bqhd", d_logits, k32)
+                d_k_blocks.append(tf.einsum("bhqk,bqhd->bkhd", d_logits, q32))
+            d_k = tf.concat(d_k_blocks, axis=1)
+            d_v = tf.concat(d_v_blocks, axis=1)
+            return (tf.cast(d_q * scale, q.dtype), tf.cast(d_k, k.dtype),
+                    tf.cast(d_v, v.dtype))
+
+        return tf.cast(out32, dtype), grad
+
+    return online_softmax_attention
