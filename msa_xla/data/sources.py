@@ -1,0 +1,197 @@
+"""Readers of the feature files researchers already hold, each producing `{split: SplitData}`.
+
+Formats (facts in DESIGN.md §6):
+  mmsa  MMSA pickle (aligned_50.pkl, unaligned_50.pkl, ...): {'train'|'valid'|'test': {'text' (N,T,768),
+        'audio' (N,T,D), 'vision' (N,T,D), 'regression_labels' (N,), optional 'id', 'raw_text',
+        'audio_lengths', 'vision_lengths'}}.
+  mult  MulT pickle (mosi_data.pkl, ...): {'train'|'valid'|'test': {'text', 'audio', 'vision',
+        'labels' (N,1,1), optional 'id'}}.
+  csd   a folder with CMU-MultimodalSDK files text.csd, audio.csd, video.csd, labels.csd and an
+        optional splits.json {"train": [ids], "valid": [...], "test": [...]}.
+
+True lengths: taken from '<modality>_lengths' when the pickle has them; otherwise a clip's length is
+the number of rows up to and including its last row that is not all zeros (padding is assumed at the
+end, as MMSA writes it). Readers only reshape; padding, truncation, casting and non-finite repair
+happen once, in writer.py, for every format alike.
+"""
+import dataclasses
+import json
+import os
+import pickle
+
+import numpy as np
+
+from msa_xla.data.schema import MODALITIES, SPLITS, DataError
+
+FORMATS = ("mmsa", "mult", "csd", "synthetic")
+CSD_FILES = {"text": "text.csd", "audio": "audio.csd", "video": "video.csd", "labels": "labels.csd"}
+CSD_SPLITS_FILE = "splits.json"
+
+_MMSA_LAYOUT = ("MMSA layout: dict with 'train'/'valid'/'test', each with 'text' (N,T,768), "
+                "'audio' (N,T,D), 'vision' (N,T,D), 'regression_labels' (N,), optional 'id', "
+                "'raw_text', 'audio_lengths', 'vision_lengths'")
+_MULT_LAYOUT = ("MulT layout: dict with 'train'/'valid'/'test', each with 'text' (N,T,D), "
+                "'audio' (N,T,D), 'vision' (N,T,D), 'labels' (N,1,1), optional 'id'")
+_PICKLE_KEYS = {"text": "text", "audio": "audio", "video": "vision"}
+
+
+@dataclasses.dataclass
+class SplitData:
+    """One split in memory: per modality a list of (true_len, dim) arrays, labels, ids, raw text."""
+    features: dict
+    labels: np.ndarray
+    ids: list
+    raw_text: list = None
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def read_source(fmt, path, *, split_seed=0):
+    """Dispatch on the format name; every error is a DataError with one line for the user."""
+    if fmt not in ("mmsa", "mult", "csd"):
+        raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if not os.path.exists(path):
+        raise DataError(f"input not found: {path}")
+    if fmt == "csd":
+        return read_csd(path, split_seed=split_seed)
+    return read_pickle(path, fmt)
+
+
+def _load_pickle(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: expected a pickle file")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except UnicodeDecodeError:  # Pickles written by Python 2 (some MulT releases).
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as err:  # pickle raises many types; all mean "not a readable pickle".
+        raise DataError(f"{path}: cannot read pickle ({type(err).__name__}: {err})") from None
+
+
+def _as_text(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray) and value.ndim > 0:  # MulT ids: arrays of [video, start, end].
+        return "_".join(_as_text(v) for v in value.reshape(-1))
+    return str(value.item() if isinstance(value, np.generic) else value)
+
+
+def _lengths_from_rows(array):
+    """Rows up to the last non-all-zero row, per clip: (N,T,D) -> (N,)."""
+    nonzero = np.any(array != 0, axis=-1)  # (N, T); NaN and -inf count as non-zero.
+    last = array.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+    return np.where(nonzero.any(axis=1), last, 0)
+
+
+def read_pickle(path, fmt):
+    """MMSA or MulT pickle -> {split: SplitData}."""
+    layout = _MMSA_LAYOUT if fmt == "mmsa" else _MULT_LAYOUT
+    label_key = "regression_labels" if fmt == "mmsa" else "labels"
+    data = _load_pickle(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level is {type(data).__name__}, expected {layout}")
+    out = {}
+    for split in SPLITS:
+        if split not in data:
+            raise DataError(f"{path}: missing split key '{split}' (expected {layout})")
+        part = data[split]
+        for key in (*_PICKLE_KEYS.values(), label_key):
+            if not isinstance(part, dict) or key not in part:
+                raise DataError(f"{path}: split '{split}' lacks key '{key}' (expected {layout})")
+        features = {}
+        count = None
+        for name, key in _PICKLE_KEYS.items():
+            array = np.asarray(part[key])
+            if array.ndim != 3:
+                raise DataError(f"{path}: {split}.{key} has shape {array.shape}, expected (N, T, D)")
+            if count is not None and array.shape[0] != count:
+                raise DataError(f"{path}: {split}.{key} has {array.shape[0]} clips, "
+                                f"{split}.text has {count}")
+            count = array.shape[0]
+            lengths = part.get(f"{key}_lengths")
+            if lengths is None:
+                lengths = _lengths_from_rows(array)
+            lengths = np.asarray(lengths).reshape(-1).astype(np.int64)
+            if lengths.shape[0] != count or lengths.min(initial=0) < 0 \
+                    or lengths.max(initial=0) > array.shape[1]:
+                raise DataError(f"{path}: {split}.{key}_lengths must be {count} values in "
+                                f"[0, {array.shape[1]}]")
+            features[name] = [array[i, :lengths[i]] for i in range(count)]
+        labels = np.asarray(part[label_key], dtype=np.float64)
+        if labels.size != count:
+            raise DataError(f"{path}: {split}.{label_key} has shape {labels.shape}, expected one "
+                            f"value per clip ({count},) or ({count}, 1, 1)")
+        ids = part.get("id")
+        ids = ([_as_text(v) for v in ids] if ids is not None
+               else [f"{split}_{i:06d}" for i in range(count)])
+        raw = part.get("raw_text")
+        raw = [_as_text(v) for v in raw] if raw is not None else None
+        out[split] = SplitData(features, labels.reshape(-1), ids, raw)
+    return out
+
+
+def _read_csd(path):
+    """One .csd file -> {entry_id: features array}."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            roots = list(f.keys())
+            if len(roots) != 1 or "data" not in f[roots[0]]:
+                raise DataError(f"{path}: expected one root group holding 'data' "
+                                f"(/<root>/data/<id>/features), found {roots}")
+            data = f[roots[0]]["data"]
+            return {key: np.asarray(data[key]["features"]) for key in data}
+    except (OSError, KeyError) as err:
+        raise DataError(f"{path}: cannot read .csd ({err})") from None
+
+
+def _seeded_split(ids, seed):
+    """70/10/20 split by video (the part of the id before '['), so no video spans two splits."""
+    videos = sorted({i.split("[")[0] for i in ids})
+    np.random.default_rng(seed).shuffle(videos)
+    n_train, n_valid = round(0.7 * len(videos)), round(0.1 * len(videos))
+    bounds = {"train": set(videos[:n_train]), "valid": set(videos[n_train:n_train + n_valid]),
+              "test": set(videos[n_train + n_valid:])}
+    return {s: [i for i in ids if i.split("[")[0] in bounds[s]] for s in SPLITS}
+
+
+def read_csd(folder, *, split_seed=0):
+    """Folder of CMU-MultimodalSDK files -> {split: SplitData}; one .csd entry is one clip."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: --format csd expects a folder holding "
+                        f"{', '.join(CSD_FILES.values())} (+ optional {CSD_SPLITS_FILE})")
+    tables = {}
+    for name, file in CSD_FILES.items():
+        path = os.path.join(folder, file)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not found (csd folder needs {', '.join(CSD_FILES.values())})")
+        tables[name] = _read_csd(path)
+    labels_path = os.path.join(folder, CSD_FILES["labels"])
+    for key, value in tables["labels"].items():
+        if value.size != 1:
+            raise DataError(f"{labels_path}: entry '{key}' holds {value.shape} values, expected one "
+                            "label per entry (align the SDK dataset to the labels first)")
+    common = sorted(set.intersection(*(set(t) for t in tables.values())))
+    split_path = os.path.join(folder, CSD_SPLITS_FILE)
+    if os.path.isfile(split_path):
+        try:
+            with open(split_path, encoding="utf-8") as f:
+                listed = json.load(f)
+            split_ids = {s: [str(i) for i in listed[s] if str(i) in tables["labels"]] for s in SPLITS}
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{split_path}: expected {{\"train\": [ids], \"valid\": [...], "
+                            f"\"test\": [...]}} ({type(err).__name__}: {err})") from None
+        available = set(common)
+        split_ids = {s: [i for i in ids if i in available] for s, ids in split_ids.items()}
+    else:
+        split_ids = _seeded_split(common, split_seed)
+    out = {}
+    for split, ids in split_ids.items():
+        features = {m: [tables[m][i] for i in ids] for m in MODALITIES}
+        labels = np.array([float(tables["labels"][i].reshape(-1)[0]) for i in ids], np.float64)
+        out[split] = SplitData(features, labels, ids, None)
+    return out
