@@ -155,7 +155,7 @@ def msa_metrics(y_true, y_pred) -> dict[str, float]:
 
 
 def _binary_weighted_f1(confusion: tf.Tensor) -> tf.Tensor:
-    """Weighted F1 from a (2, 2) confusion matrix `[true_class, pred_class]` of (weighted) counts."""
+    """Weighted F1 from a (2, 2) matrix of weighted counts `[true_class, pred_class]`."""
     true_neg, false_pos = confusion[0, 0], confusion[0, 1]
     false_neg, true_pos = confusion[1, 0], confusion[1, 1]
     # F1 = 2TP / (2TP + FP + FN) equals 2PR / (P + R), and is 0 when the class is never predicted.

@@ -46,7 +46,8 @@ def test_unknown_strategy_lists_choices():
 
 @pytest.mark.parametrize("name", ["cpu", "mirrored", "multi_worker", "one_device"])
 def test_tpu_flag_with_non_tpu_strategy_is_rejected(name):
-    with pytest.raises(StrategyError, match=f"--tpu=local cannot be combined with --strategy={name}"):
+    message = f"--tpu=local cannot be combined with --strategy={name}"
+    with pytest.raises(StrategyError, match=message):
         get_strategy(name, tpu="local")
 
 
@@ -88,7 +89,8 @@ def test_multi_worker_needs_tf_config(monkeypatch):
 def test_check_global_batch():
     assert check_global_batch(32, 8) == 4
     assert check_global_batch(7, 1) == 7
-    with pytest.raises(StrategyError, match="^global batch size 30 is not divisible by the 4 replicas$"):
+    message = "^global batch size 30 is not divisible by the 4 replicas$"
+    with pytest.raises(StrategyError, match=message):
         check_global_batch(30, 4)
     with pytest.raises(StrategyError, match="must be positive"):
         check_global_batch(0, 2)
@@ -143,7 +145,10 @@ def test_multi_worker_single_worker_from_tf_config():
     with socket.socket() as probe:  # a free port for the one-worker gRPC server
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    tf_config = {"cluster": {"worker": [f"localhost:{port}"]}, "task": {"type": "worker", "index": 0}}
+    tf_config = {
+        "cluster": {"worker": [f"localhost:{port}"]},
+        "task": {"type": "worker", "index": 0},
+    }
     output = _run_python(
         """
         import json
@@ -167,6 +172,9 @@ def test_multi_worker_single_worker_from_tf_config():
 
 # ---------------------------------------------------------------------------- chief logic
 
+_WITH_CHIEF = {"chief": ["c:1"], "worker": ["a:1"]}
+_WITH_EVALUATOR = {"worker": ["a:1"], "evaluator": ["e:1"]}
+
 
 @pytest.mark.parametrize(
     "tf_config,chief,index",
@@ -175,17 +183,17 @@ def test_multi_worker_single_worker_from_tf_config():
         ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True, 0),
         ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False, 1),
         (
-            {"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+            {"cluster": _WITH_CHIEF, "task": {"type": "chief", "index": 0}},
             True,
             0,
         ),
         (
-            {"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
+            {"cluster": _WITH_CHIEF, "task": {"type": "worker", "index": 0}},
             False,
             1,
         ),
         (
-            {"cluster": {"worker": ["a:1"], "evaluator": ["e:1"]}, "task": {"type": "evaluator", "index": 0}},
+            {"cluster": _WITH_EVALUATOR, "task": {"type": "evaluator", "index": 0}},
             False,
             0,
         ),
