@@ -118,6 +118,9 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
     verify_shards(paths)
     files = [p for p, _ in paths]
     shuffle = split == "train" if shuffle is None else shuffle
+    # Order is reproducible for eval and whenever a seed is given; otherwise tf.data may hand out
+    # whichever element is ready first (faster when a read or parse stalls).
+    deterministic = not shuffle or seed is not None
     count = meta["splits"][split]["count"]
 
     shard_records = None
@@ -136,7 +139,7 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
         dataset = dataset.interleave(
             lambda path: tf.data.TFRecordDataset(path, buffer_size=8 << 20),
             cycle_length=min(len(files), 4), block_length=1,
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     else:
         # Evaluation: files one after the other, so batches follow the source clip order (reading is
         # cheap; the parallel work is the parse below).
@@ -158,6 +161,6 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
     static_batch = int(batch_size) if drop_remainder else None
     dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
     dataset = dataset.map(_parser(meta, static_batch, text_input),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     # Prefetch lets the host prepare the next batches while the device runs the current step.
     return dataset.prefetch(tf.data.AUTOTUNE)
