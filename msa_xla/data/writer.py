@@ -238,7 +238,9 @@ def build_parser():
         epilog=f"--format csd: --input is a folder holding {', '.join(CSD_FILES.values())} "
                f"(one entry per clip, labels one value per entry) and optionally {CSD_SPLITS_FILE} "
                '({"train": [ids], "valid": [...], "test": [...]}); without it a 70/10/20 split by '
-               "video is drawn with --split_seed. --format synthetic needs no --input.")
+               "video is drawn with --split_seed. --format mmsa/mult: true lengths come from "
+               "'audio_lengths'/'vision_lengths' when present, else a clip ends at its last row "
+               "that is not all zeros. --format synthetic needs no --input.")
     parser.add_argument("--format", required=True, choices=FORMATS, help="source layout")
     parser.add_argument("--input", help="pickle file (mmsa, mult) or folder (csd)")
     parser.add_argument("--output", required=True, help="output folder (must not exist)")
