@@ -3,6 +3,16 @@
 Public names (the spec's `models` package):
 
     from msa_xla import MSASeqLevelModel, create_padding_mask
+    from msa_xla.data import make_dataset
 """
 
+from msa_xla.layers import (AdaptiveFusionHead, CrossAttentionBlock, CrossModalFusion,
+                            LearnablePositionalEmbedding, ModalityEncoder, TransformerBlock,
+                            create_padding_mask)
+from msa_xla.models import BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel
+
 __version__ = "0.1.0"
+
+__all__ = ["AdaptiveFusionHead", "BalancedMSAModel", "CrossAttentionBlock", "CrossModalFusion",
+           "ImprovedMSAModel", "LearnablePositionalEmbedding", "MSAModel", "MSASeqLevelModel",
+           "ModalityEncoder", "TransformerBlock", "create_padding_mask"]

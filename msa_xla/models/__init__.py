@@ -1,0 +1,14 @@
+"""The model family, and a table from short names to classes (used by the trainer)."""
+
+from msa_xla.models.balanced import BalancedMSAModel
+from msa_xla.models.pooled import ImprovedMSAModel, MSAModel
+from msa_xla.models.seqlevel import MSASeqLevelModel
+
+MODELS = {
+    "seqlevel": MSASeqLevelModel,
+    "msa": MSAModel,
+    "improved": ImprovedMSAModel,
+    "balanced": BalancedMSAModel,
+}
+
+__all__ = ["BalancedMSAModel", "ImprovedMSAModel", "MODELS", "MSAModel", "MSASeqLevelModel"]
