@@ -1,0 +1,221 @@
+"""Checkpoints, resume, the workdir lock and graceful preemption.
+
+Layout of one seed's run folder:
+
+    <workdir>/.lock                      held (fcntl) while a run uses the workdir
+    <workdir>/seed_<s>/checkpoints/      ckpt-<step>.* (model, optimizer incl. learning rate and
+                                         step counter, dropout RNG states), trainer-<step>.json
+                                         (epoch, callback states), identity.json
+    <workdir>/seed_<s>/best/             weights of the best validation epoch so far
+
+Resume = rerun the same command: the latest checkpoint is restored, the input stream skips the
+batches already consumed (train_input.py), Keras resumes mid-epoch at the right step, and the
+callbacks get their patience counters back, so the run finishes the same total number of steps.
+With --deterministic the final weights equal an uninterrupted run's (tests/test_train.py).
+
+SIGTERM (preemption): the checkpoint callback saves at the end of the current step and stops;
+the trainer then exits with PREEMPTED_EXIT_CODE (143 = 128 + SIGTERM, what schedulers expect).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import json
+import os
+import signal
+
+import tensorflow as tf
+import tf_keras as keras
+
+PREEMPTED_EXIT_CODE = 143
+
+
+class CheckpointError(ValueError):
+    """A workdir or checkpoint that this run must not use (one line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# workdir lock
+# ----------------------------------------------------------------------------------------------
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for the life of the process (released even on SIGKILL)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, ".lock")
+        self._fd = None
+
+    def acquire(self) -> "WorkdirLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(
+                f"workdir {os.path.dirname(self.path)} is in use by another run (pid {holder}); "
+                "wait for it to finish or pass another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+# ----------------------------------------------------------------------------------------------
+# what a checkpoint holds
+# ----------------------------------------------------------------------------------------------
+
+
+def rng_state_variables(model) -> list:
+    """The state variables of the layers' tf.random.Generator (dropout noise).
+
+    tf_keras leaves a layer's `_random_generator` out of checkpoints, so without these a resumed
+    run would draw other dropout masks than an uninterrupted one. They exist when
+    `keras.backend.experimental.enable_tf_random_generator()` ran before the model was built.
+    """
+    states = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        generator = getattr(getattr(layer, "_random_generator", None), "_generator", None)
+        if generator is not None:
+            states.append(generator.state)
+    return states
+
+
+class RunCheckpoint:
+    """tf.train.CheckpointManager for one seed, plus trainer state and an identity check."""
+
+    def __init__(self, directory: str, model, identity: dict, max_to_keep: int = 3):
+        self.directory = directory
+        self.model, self.identity = model, identity
+        self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
+                                              rng=rng_state_variables(model))
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory,
+                                                  max_to_keep=max_to_keep)
+
+    @property
+    def step(self) -> int:
+        return int(self.model.optimizer.iterations.numpy())
+
+    def check_identity(self):
+        """Refuses a checkpoint folder written by another model/config: expected vs found."""
+        path = os.path.join(self.directory, "identity.json")
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            found = json.load(f)
+        diffs = [f"{key}: expected {self.identity.get(key)!r}, found {found.get(key)!r}"
+                 for key in sorted(set(found) | set(self.identity))
+                 if found.get(key) != self.identity.get(key)]
+        if diffs:
+            raise CheckpointError(
+                f"checkpoint in {self.directory} is from a different model/config ("
+                + "; ".join(diffs) + "); pass another --workdir or the same flags")
+
+    def restore_latest(self) -> dict | None:
+        """Restores the newest checkpoint; returns its trainer state, or None for a fresh run."""
+        self.check_identity()
+        latest = self.manager.latest_checkpoint
+        if latest is None:
+            return None
+        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        state_path = os.path.join(self.directory, f"trainer-{self.step}.json")
+        with open(state_path) as f:
+            return json.load(f)
+
+    def save(self, trainer_state: dict) -> str:
+        """Writes trainer state, then the checkpoint (whose index file commits both)."""
+        os.makedirs(self.directory, exist_ok=True)
+        identity_path = os.path.join(self.directory, "identity.json")
+        if not os.path.isfile(identity_path):
+            _write_json(identity_path, self.identity)
+        step = self.step
+        _write_json(os.path.join(self.directory, f"trainer-{step}.json"),
+                    {**trainer_state, "step": step})
+        path = self.manager.save(checkpoint_number=step)
+        kept = {int(p.rsplit("-", 1)[1]) for p in self.manager.checkpoints}
+        for stale in glob.glob(os.path.join(self.directory, "trainer-*.json")):
+            if int(stale.rsplit("-", 1)[1].split(".")[0]) not in kept:
+                os.remove(stale)
+        return path
+
+
+def _write_json(path, value):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+
+
+# ----------------------------------------------------------------------------------------------
+# the callback
+# ----------------------------------------------------------------------------------------------
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves every `every` steps, at each epoch end and on SIGTERM; goes last in the list.
+
+    Args:
+      run_checkpoint: the seed's RunCheckpoint.
+      every: steps between mid-epoch checkpoints (0: epoch ends only).
+      stateful_callbacks: {name: callback with get_state()/set_state()} saved alongside.
+      epoch_of_step: step -> epochs completed (to record progress).
+    """
+
+    def __init__(self, run_checkpoint: RunCheckpoint, every: int, stateful_callbacks: dict,
+                 epoch_of_step):
+        super().__init__()
+        self.run_checkpoint, self.every = run_checkpoint, int(every)
+        self.stateful_callbacks, self.epoch_of_step = stateful_callbacks, epoch_of_step
+        self.preempted = False
+        self._sigterm = False
+        self._last_saved = None
+        self._previous_handler = None
+
+    def _state(self) -> dict:
+        return {"epochs_done": self.epoch_of_step(self.run_checkpoint.step),
+                "callbacks": {name: cb.get_state()
+                              for name, cb in self.stateful_callbacks.items()}}
+
+    def save(self):
+        step = self.run_checkpoint.step
+        if step != self._last_saved:
+            self.run_checkpoint.save(self._state())
+            self._last_saved = step
+
+    def on_train_begin(self, logs=None):
+        self._last_saved = self.run_checkpoint.step
+        try:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: no preemption handling
+            self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        self._sigterm = True  # acted on at the end of the current step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._sigterm:
+            self.save()
+            self.preempted = True
+            self.model.stop_training = True
+            return
+        if self.every and self.run_checkpoint.step % self.every == 0:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+    def on_train_end(self, logs=None):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)

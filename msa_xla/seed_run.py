@@ -1,0 +1,143 @@
+"""One seed of a training run: model, step, checkpoint, eval, loop (the trainer's middle).
+
+`train_one_seed` builds the model under the strategy, restores the latest checkpoint of
+`<workdir>/seed_<s>/` if there is one, trains with model.fit to the configured number of epochs
+(or early stop), restores the best validation weights, evaluates on test and saves the model.
+A seed that already finished (its result.json exists) is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import tf_keras as keras
+
+from msa_xla.callbacks import build_callbacks
+from msa_xla.checkpointing import RunCheckpoint, _write_json
+from msa_xla.metrics import MSAMetrics
+from msa_xla.models import MODELS
+from msa_xla.train_input import eval_data, train_data
+from msa_xla.train_step import install_split_step, make_optimizer, plan_jit
+
+
+def _build_model(cfg, meta, strategy, seed):
+    """Model + optimizer under the strategy, compiled for the chosen XLA plan."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    per_replica = cfg.batch_size // strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = MODELS[cfg.model](**cfg.model_kwargs(meta), name=cfg.model)
+        model(model.example_inputs(per_replica), training=False)  # creates the variables
+        optimizer = make_optimizer(cfg.learning_rate, cfg.clipnorm)
+        plan = plan_jit(cfg.jit_compile, strategy, model)
+        model.compile(optimizer=optimizer, loss="mae", weighted_metrics=[MSAMetrics()],
+                      jit_compile=plan.compile_jit, steps_per_execution=cfg.steps_per_execution)
+        # Slots now, so a checkpoint restores into existing variables (exact resume).
+        model.optimizer.build(model.trainable_variables)
+    if plan.mode == "split_step":
+        install_split_step(model)
+    return model, plan
+
+
+def _verbosity(cfg, chief):
+    if not chief:
+        return 0
+    if cfg.verbose >= 0:
+        return cfg.verbose
+    return 1 if os.isatty(1) else 2
+
+
+def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
+    """Trains one seed; returns its result dict, or None when preempted (checkpoint saved)."""
+    log = log or (lambda message: None)
+    seed_dir = os.path.join(own_dir, f"seed_{seed}")
+    result_path = os.path.join(seed_dir, "result.json")
+    if os.path.isfile(result_path):
+        log(f"seed {seed}: already finished ({result_path})")
+        with open(result_path) as f:
+            return json.load(f)
+    counts = {s: meta["splits"][s]["count"] for s in ("train", "valid", "test")}
+    steps_per_epoch = counts["train"] // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+
+    # ---- model and step -----------------------------------------------------------------------
+    model, plan = _build_model(cfg, meta, strategy, seed)
+    log(f"seed {seed}: {cfg.model} with {model.count_params():,} parameters; XLA: "
+        f"{plan.description}")
+
+    # ---- checkpoint ---------------------------------------------------------------------------
+    identity = {**cfg.checkpoint_identity(), "seed": seed,
+                "dims": [meta["modalities"][m]["dim"] for m in ("text", "audio", "video")]}
+    run_checkpoint = RunCheckpoint(os.path.join(seed_dir, "checkpoints"), model, identity)
+    state = run_checkpoint.restore_latest()
+    step = run_checkpoint.step
+    callbacks, handles = build_callbacks(cfg, seed_dir=seed_dir, run_checkpoint=run_checkpoint,
+                                         steps_per_epoch=steps_per_epoch, chief=chief)
+    stopped_early = False
+    if state is not None:
+        handles["early"].set_state(state["callbacks"]["early_stopping"])
+        handles["plateau"].set_state(state["callbacks"]["plateau"])
+        stopped_early = state["callbacks"]["early_stopping"]["wait"] >= cfg.early_stopping_patience
+        log(f"seed {seed}: resumed from step {step} (epoch {step // steps_per_epoch + 1}, "
+            f"step {step % steps_per_epoch} of {steps_per_epoch})")
+
+    # ---- input --------------------------------------------------------------------------------
+    train = train_data(cfg.data_dir, cfg.batch_size, strategy, seed=seed, start_step=step,
+                       text_input=cfg.text_input)
+    valid = eval_data(cfg.data_dir, "valid", cfg.batch_size, strategy, text_input=cfg.text_input)
+    valid_steps = math.ceil(counts["valid"] / cfg.batch_size)
+
+    # ---- loop ---------------------------------------------------------------------------------
+    if step < total_steps and not stopped_early:
+        initial_epoch, initial_step = divmod(step, steps_per_epoch)
+        # Mid-epoch resume: Keras' DataHandler starts its first epoch at `_initial_step` (the hook
+        # BackupAndRestore uses); the data stream itself was already advanced by skip(step).
+        model._maybe_load_initial_counters_from_ckpt = (
+            lambda steps, epoch, **kw: (initial_epoch, initial_step))
+        model.fit(train, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                  steps_per_epoch=steps_per_epoch, validation_data=valid,
+                  validation_steps=valid_steps, callbacks=callbacks,
+                  verbose=_verbosity(cfg, chief))
+        if handles["checkpoint"].preempted:
+            return None
+    traces = (model.train_function.experimental_get_tracing_count()
+              if model.train_function is not None else 0)
+
+    # ---- eval ---------------------------------------------------------------------------------
+    handles["early"].restore_best()
+    test = eval_data(cfg.data_dir, "test", cfg.batch_size, strategy, text_input=cfg.text_input)
+    test_logs = model.evaluate(test, steps=math.ceil(counts["test"] / cfg.batch_size),
+                               return_dict=True, verbose=0)
+    keras_path = os.path.join(seed_dir, "model.keras")
+    model.save(keras_path)
+    result = {
+        "seed": seed,
+        "test": {k: float(v) for k, v in test_logs.items() if k != "loss"},
+        "best_val_MAE": float(handles["early"].best),
+        "best_epoch": int(handles["early"].best_epoch) + 1,
+        "steps": int(model.optimizer.iterations.numpy()),
+        "final_learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
+        "samples_per_second": handles["throughput"].samples_per_second or None,
+        "train_function_traces": int(traces),
+        "jit": plan.mode,
+        "jit_description": plan.description,
+        "model_path": keras_path,
+    }
+    _write_json(result_path, result)
+    log(f"seed {seed}: test MAE {result['test']['MAE']:.4f}, Non0_acc_2 "
+        f"{100 * result['test']['Non0_acc_2']:.2f}% (best val_MAE {result['best_val_MAE']:.4f} "
+        f"at epoch {result['best_epoch']})")
+    return result
+
+
+def export_best_model(per_seed, workdir):
+    """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel."""
+    best = min(per_seed, key=lambda run: run["best_val_MAE"])
+    model = keras.models.load_model(best["model_path"])
+    paths = {"seed": best["seed"], "keras": os.path.join(workdir, "best_model.keras"),
+             "savedmodel": os.path.join(workdir, "best_model_savedmodel")}
+    model.save(paths["keras"])
+    model.save(paths["savedmodel"], save_format="tf")
+    return paths
