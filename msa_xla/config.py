@@ -24,7 +24,7 @@ import dataclasses
 import json
 import time
 
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 8
 DEFAULT_SEEDS = (1111,)
 CHOICES = {
     "model": ("seqlevel", "msa", "improved", "balanced"),

@@ -90,16 +90,19 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     valid_steps = math.ceil(counts["valid"] / cfg.batch_size)
 
     # ---- loop ---------------------------------------------------------------------------------
+    history = {}
     if step < total_steps and not stopped_early:
         initial_epoch, initial_step = divmod(step, steps_per_epoch)
         # Mid-epoch resume: Keras' DataHandler starts its first epoch at `_initial_step` (the hook
         # BackupAndRestore uses); the data stream itself was already advanced by skip(step).
         model._maybe_load_initial_counters_from_ckpt = (
             lambda steps, epoch, **kw: (initial_epoch, initial_step))
-        model.fit(train, epochs=cfg.epochs, initial_epoch=initial_epoch,
+        fit = model.fit(train, epochs=cfg.epochs, initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, validation_data=valid,
                   validation_steps=valid_steps, callbacks=callbacks,
                   verbose=_verbosity(cfg, chief))
+        history = {key: [float(v) for v in values] for key, values in fit.history.items()
+                   if key in ("loss", "val_loss", "val_MAE", "lr")}
         if handles["checkpoint"].preempted:
             return None
     traces = (model.train_function.experimental_get_tracing_count()
@@ -121,6 +124,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         "final_learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
         "samples_per_second": handles["throughput"].samples_per_second or None,
         "train_function_traces": int(traces),
+        "history": history,  # per epoch of this process (a resumed run: from the resume on)
         "jit": plan.mode,
         "jit_description": plan.description,
         "model_path": keras_path,

@@ -200,6 +200,9 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
 
 
 def main(argv) -> int:
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # TF's checkpoint/SavedModel INFO lines are noise here
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]} (flags are --name=value)", file=sys.stderr)
         return 2

@@ -1,0 +1,146 @@
+"""The trainer end to end: each model learns and writes complete results; one trace over two epochs;
+N replicas (Mirrored over 2 logical CPUs, 2 MultiWorker processes) == 1 replica; bad flags."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import tf_keras as keras
+
+from msa_xla.config import TrainConfig
+from msa_xla.metrics import METRIC_KEYS
+from tests.train_helpers import (TINY, free_port, make_tiny_dataset, model_weights, results,
+                                 run_train)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _legacy_rng_after():
+    yield
+    keras.backend.experimental.disable_tf_random_generator()  # run() enables it process-wide
+
+
+def tiny_config(data_dir, workdir, **overrides):
+    values = dict(data_dir=data_dir, workdir=str(workdir), model_dim=16, num_heads=2, ff_dim=32,
+                  n_layers_mod=1, n_layers_fuse=1, batch_size=8, learning_rate=3e-3, epochs=3,
+                  verbose=0, checkpoint_every=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("model", ["seqlevel", "msa", "improved", "balanced"])
+def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model):
+    from msa_xla.train import run
+
+    assert run(tiny_config(data_dir, tmp_path / "run", model=model)) == 0
+    res = results(tmp_path / "run")
+    seed_run = res["per_seed"][0]
+    loss = seed_run["history"]["loss"]
+    assert len(loss) == 3 and loss[-1] < loss[0], loss
+    assert set(seed_run["test"]) == set(METRIC_KEYS)
+    assert set(res["summary"]) == set(METRIC_KEYS)
+    assert res["config"]["model"] == model and res["data_metadata"]["splits"]["test"]["count"] == 24
+    assert res["samples_per_second"] > 0 and res["hardware"]["tensorflow"]
+    assert res["strategy"] == "OneDeviceStrategy" and res["jit"] == "whole_step"
+    assert os.path.isfile(res["best_model"]["keras"])
+    assert os.path.isfile(os.path.join(res["best_model"]["savedmodel"], "saved_model.pb"))
+    assert os.path.isdir(tmp_path / "run" / "seed_1111" / "tensorboard" / "train")
+
+
+def test_train_function_traced_once_over_two_epochs_with_validation(data_dir, tmp_path):
+    from msa_xla.train import run
+
+    assert run(tiny_config(data_dir, tmp_path / "run", epochs=2, dropout_rate=0.0)) == 0
+    seed_run = results(tmp_path / "run")["per_seed"][0]
+    assert len(seed_run["history"]["val_MAE"]) == 2
+    assert seed_run["train_function_traces"] == 1
+
+
+def test_two_seeds_give_mean_and_std(data_dir, tmp_path):
+    from msa_xla.train import run
+
+    assert run(tiny_config(data_dir, tmp_path / "run", epochs=1, seeds=(1, 2))) == 0
+    res = results(tmp_path / "run")
+    maes = [r["test"]["MAE"] for r in res["per_seed"]]
+    assert res["summary"]["MAE"]["mean"] == pytest.approx(np.mean(maes))
+    assert res["summary"]["MAE"]["std"] == pytest.approx(np.std(maes))
+
+
+# ---- N replicas == 1 replica --------------------------------------------------------------------
+# Tolerance: the replicas' gradients are summed by an all-reduce in another order than the one
+# replica's batch reduction, so each step differs by float32 rounding (~1e-7 relative); Adam
+# divides by sqrt(v), which amplifies that for near-zero gradients, and 16 steps at lr 3e-3
+# compound it. Measured max |diff| ~2e-5 with lr 1e-2; we allow atol 1e-4 on weights of size ~0.1-1,
+# far below one Adam step (3e-3): a wrong reduction (mean of sums, a replica's batch lost or seen
+# twice) moves weights by whole steps and fails.
+ATOL = 1e-4
+EQUIV = TINY + ["--epochs=2", "--dropout_rate=0", "--checkpoint_every=0", "--seeds=7"]
+
+
+@pytest.fixture(scope="module")
+def one_replica_weights(data_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one") / "run"
+    code, _, err = run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
+                                      "--strategy=cpu"])
+    assert code == 0, err
+    return model_weights(workdir / "seed_7" / "model.keras")
+
+
+def _assert_same_weights(actual, expected):
+    assert len(actual) == len(expected)
+    worst = max(float(np.max(np.abs(a - e))) for a, e in zip(actual, expected))
+    assert worst < ATOL, worst
+
+
+def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_weights):
+    workdir = tmp_path / "run"
+    code, _, err = run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
+                                      "--strategy=mirrored", "--cpu_replicas=2"])
+    assert code == 0, err
+    res = results(workdir)
+    assert res["replicas"] == 2 and res["jit"] == "split_step"
+    _assert_same_weights(model_weights(workdir / "seed_7" / "model.keras"), one_replica_weights)
+
+
+def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
+    workdir = tmp_path / "run"
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = [
+        run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
+                           "--strategy=multi_worker"], wait=False,
+                  env={"TF_CONFIG": json.dumps({"cluster": cluster,
+                                                "task": {"type": "worker", "index": i}})})
+        for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=240) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    res = results(workdir)
+    assert res["replicas"] == 2 and res["jit"] == "split_step"
+    _assert_same_weights(model_weights(workdir / "seed_7" / "model.keras"), one_replica_weights)
+
+
+# ---- bad flags: one line, exit code 2 -----------------------------------------------------------
+@pytest.mark.parametrize("args, words", [
+    (["--model=transformer"], "model"),
+    (["--batch_size=7", "--strategy=mirrored", "--cpu_replicas=2"], "not divisible"),
+    (["--data_dir=/nonexistent/msa"], "/nonexistent/msa"),
+    (["--tpu=local"], "no TPU"),
+    (["--model_dim=30", "--num_heads=4"], "30"),
+])
+def test_bad_flags_end_with_one_line_and_exit_code_2(tmp_path, args, words):
+    code, _, err = run_train(args + [f"--workdir={tmp_path / 'run'}"], timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, err
+    assert len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in err

@@ -1,0 +1,55 @@
+"""Shared helpers of the trainer tests: a tiny dataset, tiny-model flags, subprocess runs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from msa_xla.data import synthetic, writer
+
+SIZES = (64, 16, 24)  # train / valid / test clips
+SEQ_LEN = 8
+DIMS = (6, 5, 4)
+TINY = ["--model_dim=16", "--num_heads=2", "--ff_dim=32", "--n_layers_mod=1", "--n_layers_fuse=1",
+        "--batch_size=8", "--verbose=0", "--learning_rate=3e-3"]
+
+
+def make_tiny_dataset(folder, sizes=SIZES):
+    splits = synthetic.generate(sizes, seq_len=SEQ_LEN, dims=DIMS, seed=5)
+    writer.convert(splits, folder, source_format="synthetic", source_path="-", tokenize=False,
+                   log=lambda line: None)
+    return str(folder)
+
+
+def run_train(args, *, timeout=240, env=None, wait=True):
+    """`python -m msa_xla.train ARGS` in a fresh process (its own TF and devices)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    command = [sys.executable, "-m", "msa_xla.train", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=full_env)
+    if not wait:
+        return process
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_weights(path):
+    """Flat list of the weights of a saved .keras model."""
+    import tf_keras as keras
+
+    import msa_xla.models  # noqa: F401  (registers the classes)
+
+    return [np.asarray(w) for w in keras.models.load_model(path).get_weights()]
+
+
+def results(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        return json.load(f)
