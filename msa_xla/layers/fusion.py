@@ -50,17 +50,23 @@ class CrossModalFusion(keras.layers.Layer):
         directions = ["text_from_audio", "text_from_video"]
         if bidirectional:
             directions += ["audio_from_text", "video_from_text"]
-        self.layers_by_direction = [
-            {direction: CrossAttentionBlock(model_dim, num_heads, ff_dim, dropout_rate,
-                                            norm_first=norm_first, attention_impl=attention_impl,
-                                            name=f"layer_{i}_{direction}")
-             for direction in directions}
-            for i in range(self.n_layers)]
+        self.directions = tuple(directions)
+        # A flat list (not a dict per layer) so every block's weights are saved and restored.
+        self.cross_blocks = [
+            CrossAttentionBlock(model_dim, num_heads, ff_dim, dropout_rate, norm_first=norm_first,
+                                attention_impl=attention_impl, name=f"layer_{i}_{direction}")
+            for i in range(self.n_layers) for direction in directions]
+
+    def _layer_blocks(self, i):
+        """The blocks of fusion layer `i`, by direction name."""
+        count = len(self.directions)
+        return dict(zip(self.directions, self.cross_blocks[i * count:(i + 1) * count]))
 
     def call(self, text_seq, audio_seq, video_seq, text_mask=None, audio_mask=None,
              video_mask=None, training=None):
         text, audio, video = text_seq, audio_seq, video_seq
-        for blocks in self.layers_by_direction:
+        for i in range(self.n_layers):
+            blocks = self._layer_blocks(i)
             text_in = text  # audio/video attend to this layer's input text
             with tf.name_scope("text_from_audio"):
                 text = blocks["text_from_audio"](text, audio, text_mask, audio_mask,

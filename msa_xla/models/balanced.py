@@ -78,21 +78,27 @@ class BalancedMSAModel(PooledFusionModel):
         return [owner.get(v.ref(), -1) for v in self.trainable_variables]
 
     def _modulate(self, grads, coefficients):
-        step = tf.cast(self.optimizer.iterations, tf.int32)
-        modulated = []
-        for i, (grad, modality) in enumerate(zip(grads, self._modality_of_variables())):
-            if grad is None or modality < 0 or self.alpha == 0:
-                modulated.append(grad)
-                continue
-            coeff = tf.cast(coefficients[modality], grad.dtype)
+        owners = self._modality_of_variables()
+        modulated = list(grads)
+        targets = [i for i, (g, m) in enumerate(zip(grads, owners)) if g is not None and m >= 0]
+        if self.alpha == 0 or not targets:
+            return modulated
+        if self.gaussian_enhancement:
+            # One stateless draw for all encoder gradients (one RNG op keeps the XLA program
+            # small); seeded by the step, so a resumed run draws the same noise.
+            sizes = [grads[i].shape.num_elements() for i in targets]
+            seed = tf.stack([tf.constant(self.noise_seed, tf.int64),
+                             tf.cast(self.optimizer.iterations, tf.int64)])
+            noises = tf.split(tf.random.stateless_normal([sum(sizes)], seed), sizes)
+        for j, i in enumerate(targets):
+            grad = grads[i]
+            coeff = tf.cast(coefficients[owners[i]], grad.dtype)
             new_grad = grad * coeff
             if self.gaussian_enhancement:
-                seed = tf.stack([self.noise_seed + i, step])
-                noise = tf.random.stateless_normal(tf.shape(grad), seed, dtype=grad.dtype)
-                std = tf.math.reduce_std(grad)
+                noise = tf.reshape(tf.cast(noises[j], grad.dtype), tf.shape(grad))
                 # Only the slowed-down (dominant) modality gets the enhancement noise.
-                new_grad += tf.cast(coeff < 1.0, grad.dtype) * noise * std
-            modulated.append(new_grad)
+                new_grad += tf.cast(coeff < 1.0, grad.dtype) * noise * tf.math.reduce_std(grad)
+            modulated[i] = new_grad
         return modulated
 
     def train_step(self, data):
