@@ -13,9 +13,10 @@ Data:      the built-in synthetic MOSI-shaped dataset (1284/229/686 clips, seq 5
            created on first use.
 Model:     seqlevel with the spec's training config: model_dim 128, 4 heads, ff 256, 2 encoder
            layers per modality, 1 fusion layer, dropout 0.1, Adam lr 1e-4, global batch 32.
-Expected:  DEFAULT_EPOCHS epochs in about 3-4 minutes (measured on the 2-core VM, see
-           docs in the trainer report); test MAE about 0.5-0.6 against 1.42 for the constant
-           predictor (the label std), Non0_acc_2 about 0.9.
+Expected:  8 epochs (DEFAULT_EPOCHS), 4m16s wall (250 s in the trainer: ~50 s first epoch with
+           XLA compilation, ~20-25 s per later epoch, 58 samples/s) measured on the 2-core VM
+           while other jobs shared it; test MAE 0.175 (the constant predictor: 1.42),
+           Non0_acc_2 99.5%, Mult_acc_7 83.1%, Corr 0.995 (seed 1111).
 """
 
 from __future__ import annotations
