@@ -1,0 +1,447 @@
+"""Profiling: a window of train steps captured on the chief, and a terminal step-time report.
+
+Capture (what `python -m msa_xla.train --profile_steps=A,B` does):
+
+    callback = make_profile_callback(profile_steps=(5, 8), profile_dir=None,
+                                     profiler_port=0, is_chief=True, run_name="my-run")
+    model.fit(..., callbacks=[callback])   # -> profiles/my-run/plugins/profile/<time>/*.xplane.pb
+
+Report (what `tools/profile_report.py PROFILE_DIR` prints):
+
+    report = profile_report("profiles/my-run")   # dict; format_report(report) -> table text
+
+The report half imports neither TensorFlow nor tf_keras (the CLI starts in about a second);
+the capture half builds its Keras callback class on first use (`ProfileWindow`).
+
+Step numbers are global train steps counted from 0 (the value of `optimizer.iterations` when
+the step starts), so they mean the same after a resume. Step 0 also traces the train function and
+compiles it with XLA; start the window later to see steady-state step time.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+PROFILES_ROOT = "profiles"
+REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")
+
+
+class ProfileNotFound(FileNotFoundError):
+    """The folder holds no captured profile (`*.xplane.pb`)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# capture
+# ----------------------------------------------------------------------------------------------
+def default_profile_dir(run_name: str | None) -> str:
+    """`profiles/<run name>/` (the trainer's run name is the last part of its workdir)."""
+    return os.path.join(PROFILES_ROOT, run_name or "run")
+
+
+_server_port = None  # one profiler server per process (a second start would fail)
+
+
+def start_profiler_server(port: int) -> bool:
+    """Starts the on-demand capture server once per process; False if it was already running."""
+    global _server_port
+    if _server_port is not None:
+        return False
+    import tensorflow as tf
+
+    tf.profiler.experimental.server.start(int(port))
+    _server_port = int(port)
+    return True
+
+
+def _build_window_class():
+    """ProfileWindow, a tf_keras callback (built on first use: tf_keras loads TensorFlow)."""
+    import tensorflow as tf
+    import tf_keras as keras
+
+    class ProfileWindow(keras.callbacks.Callback):
+        """Profiles train steps A..B (inclusive) with `tf.profiler.experimental` on this process.
+
+        tf_keras' fit loop already wraps every step in
+        `tf.profiler.experimental.Trace("train", epoch_num=..., step_num=..., _r=1)` (the step
+        marker xprof's step-time analysis keys on) and calls the batch hooks *inside* it. A
+        trace event is only recorded if the profiler runs both when it begins and when it ends,
+        so the window is opened and closed *between* steps: the profiler starts in the hook that
+        runs just before step A's marker opens (batch end of step A-1, or epoch begin when A
+        opens an epoch) and stops in the first hook after step B's marker closed (batch begin of
+        step B+1, validation begin, epoch end or train end). A callback cannot wrap the step in a
+        context manager of its own, and a second, nested step marker would make xprof count
+        steps twice. (Starting inside step A's batch-begin hook, as tf_keras' TensorBoard
+        callback does, loses step A's marker: measured here, 2..4 gave one step, not three.)
+
+        Both ends wait for the device first (maxtext's "sync at both ends"): reading
+        `optimizer.iterations` returns once the step that updated it has finished and `async_wait`
+        drains the eager queue, so the window holds steps A..B and not the tail of step A-1. Under
+        MultiWorkerMirroredStrategy each step ends with an all-reduce, so the workers run in
+        lock-step and the chief's window covers the same steps on all of them. A window that
+        spans an epoch end also holds that epoch's validation pass (its "test" steps).
+
+        Args:
+          profile_steps: (A, B), 0 <= A <= B, global train steps (`optimizer.iterations` at the
+            start of the step).
+          logdir: where `tf.profiler.experimental.start` writes
+            (`<logdir>/plugins/profile/<time>/<host>.xplane.pb`).
+          log: a callable taking one line, or None.
+        """
+
+        def __init__(self, profile_steps, logdir: str, log=None):
+            super().__init__()
+            first, last = (int(s) for s in profile_steps)
+            if not 0 <= first <= last:
+                raise ValueError(f"profile_steps={profile_steps}: expected A,B with 0 <= A <= B")
+            self.first, self.last, self.logdir, self._log = first, last, logdir, log
+            self.active = False
+            self.captured = False  # True once a window was written
+            self.steps_captured = None  # (first, last) global steps of the written window
+            self._start_step = None
+
+        # -- hooks: start just before a step in the window, stop just after the window --------
+        def on_train_begin(self, logs=None):
+            self._maybe_start()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._maybe_start()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._maybe_stop()  # a step after B is about to run (its marker is already open)
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps = (self.params or {}).get("steps")
+            if steps is None or batch + 1 < steps:  # the next step is in this epoch
+                self._maybe_start()  # (otherwise validation runs first: start at epoch begin)
+
+        def on_test_begin(self, logs=None):
+            self._maybe_stop()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._maybe_stop()
+
+        def on_train_end(self, logs=None):
+            self._maybe_stop(force=True)  # training ended inside the window: keep the capture
+
+        # -- the window ------------------------------------------------------------------------
+        def _sync(self) -> int:
+            """Waits for the device's pending work; returns the next step's number."""
+            from tensorflow.python.eager import context
+
+            step = int(self.model.optimizer.iterations.numpy())
+            context.async_wait()
+            return step
+
+        def _maybe_start(self):
+            if self.active or self.captured:
+                return
+            step = int(self.model.optimizer.iterations.numpy())  # the step about to run
+            spe = getattr(self.model, "_steps_per_execution", None)
+            spe = int(spe.numpy()) if spe is not None else 1
+            # One execution runs steps step .. step+spe-1: start if it reaches into the window.
+            if not (step + spe - 1 >= self.first and step <= self.last):
+                return
+            self._sync()
+            try:
+                tf.profiler.experimental.start(self.logdir)
+            except tf.errors.AlreadyExistsError as error:  # another profiler session is running
+                self.captured = True
+                if self._log:
+                    self._log(f"profiler not started: {error.message}")
+                return
+            self.active, self._start_step = True, step
+
+        def _maybe_stop(self, force=False):
+            if not self.active:
+                return
+            step = self._sync()
+            if step <= self.last and not force:
+                return
+            tf.profiler.experimental.stop()
+            self.active, self.captured = False, True
+            self.steps_captured = (self._start_step, step - 1)
+            if self._log:
+                self._log(f"profiled train steps {self._start_step}..{step - 1} into "
+                          f"{self.logdir} (report: python tools/profile_report.py "
+                          f"{self.logdir})")
+
+    return ProfileWindow
+
+
+_window_class = None
+
+
+def __getattr__(name):  # PEP 562: `profiling.ProfileWindow` builds the class on first access
+    global _window_class
+    if name == "ProfileWindow":
+        if _window_class is None:
+            _window_class = _build_window_class()
+        return _window_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_profile_callback(profile_steps=(), profile_dir=None, profiler_port=0, is_chief=True,
+                          run_name=None, log=None):
+    """The trainer's seam: a ProfileWindow on the chief, or None.
+
+    Starts the profiler server on `profiler_port` (every worker, so each can be captured on
+    demand from TensorBoard's Profile tab or `tf.profiler.experimental.client.trace`). Only the
+    chief (first worker) captures the window; the others return None.
+    """
+    log = log or _print_log
+    if profiler_port:
+        if start_profiler_server(profiler_port):
+            log(f"profiler server on port {profiler_port} (capture from TensorBoard: "
+                f"Profile > Capture profile > localhost:{profiler_port})")
+    if not profile_steps or not is_chief:
+        return None
+    logdir = profile_dir or default_profile_dir(run_name)
+    return __getattr__("ProfileWindow")(profile_steps, logdir, log=log)
+
+
+def _print_log(line: str) -> None:
+    print(f"[msa_xla.profiling] {line}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+# The op types of the tf.data input pipeline in framework_op_stats (their names start with
+# "Iterator::" or are dataset/parse kernels); used to tell whether the model's ops are listed.
+_INPUT_OP_TYPES = ("Dataset", "ParseExampleV2", "ParseExample", "IteratorGetNext",
+                   "MultiDeviceIteratorFromStringHandle", "TFRecordDataset", "FlatMapDataset",
+                   "TensorSliceDataset")
+_XLA_NOTE = ("the model's ops are (almost) missing above: the train step ran as XLA "
+             "computations, whose ops framework_op_stats does not list on CPU; for a per-op "
+             "breakdown profile with --jit_compile=false --attention_impl=reference (the step "
+             "time then differs)")
+
+
+def find_xplanes(folder: str) -> list[str]:
+    """The newest capture under `folder`: its `*.xplane.pb` files (one per host).
+
+    `tf.profiler.experimental.start(logdir)` writes
+    `logdir/plugins/profile/<time>/<host>.xplane.pb`; the newest file decides the capture, and
+    every host file of that capture is returned.
+
+    Raises:
+      ProfileNotFound: the folder does not exist or holds no `*.xplane.pb`.
+    """
+    if not os.path.isdir(folder):
+        raise ProfileNotFound(f"no profile in {folder}: the folder does not exist")
+    paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+    paths = [p for p in paths if os.path.getsize(p) > 0]
+    if not paths:
+        raise ProfileNotFound(
+            f"no profile in {folder}: no *.xplane.pb found (capture one with "
+            "python -m msa_xla.train --profile_steps=A,B)")
+    newest = max(paths, key=os.path.getmtime)
+    capture = os.path.dirname(newest)
+    return sorted(p for p in paths if os.path.dirname(p) == capture)
+
+
+def convert(xplane_paths: list[str], tool: str, quiet: bool = False):
+    """One xprof tool's data for a capture, parsed from JSON.
+
+    `xspace_to_tool_data(paths, tool, params)` returns `(data, content_type)`; for the three
+    tools used here data is JSON bytes: a list of gviz DataTables (`{"cols", "rows", "p"}`).
+    xprof caches its intermediate result next to the capture (`ALL_HOSTS.op_stats_v2.pb`).
+
+    Args:
+      quiet: hide the converter's C++ INFO lines (written straight to file descriptor 2); they
+        are shown if the conversion fails.
+    """
+    from xprof.convert.raw_to_tool_data import xspace_to_tool_data
+
+    with _stderr_captured(quiet) as captured:
+        data, _ = xspace_to_tool_data(list(xplane_paths), tool, {})
+    if not data:
+        raise RuntimeError(f"xprof could not convert {xplane_paths} to {tool}: "
+                           f"{captured.read().strip()}")
+    return json.loads(data)
+
+
+class _stderr_captured:
+    """Redirects file descriptor 2 into a temporary file (C++ logs bypass sys.stderr)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.text = enabled, ""
+
+    def __enter__(self):
+        if self.enabled:
+            import tempfile
+
+            sys.stderr.flush()
+            self._file = tempfile.TemporaryFile(mode="w+")
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._file.seek(0)
+            self.text = self._file.read()
+            self._file.close()
+        return False
+
+    def read(self) -> str:
+        return self.text
+
+
+def datatable_rows(table: dict) -> list[dict]:
+    """A gviz DataTable's rows as dicts keyed by column id."""
+    ids = [col.get("id") for col in table.get("cols", [])]
+    return [{name: (cell or {}).get("v") for name, cell in zip(ids, row.get("c", []))}
+            for row in table.get("rows", [])]
+
+
+def _find_table(tables: list, column: str) -> dict:
+    for table in tables:
+        if any(col.get("id") == column for col in table.get("cols", [])):
+            return table
+    return {}
+
+
+def _number(text, default=None):
+    try:
+        value = float(str(text).rstrip("%"))
+    except (TypeError, ValueError):
+        return default
+    return value if math.isfinite(value) else default
+
+
+def step_summary(overview: list, input_pipeline: list) -> dict:
+    """Step time (ms: mean, std, min, max), input-wait share (%) and compile time (ms)."""
+    table = _find_table(input_pipeline, "stepTimeMs") or _find_table(overview, "stepTimeMs")
+    steps = datatable_rows(table)
+    props = table.get("p", {})
+    times = [float(s["stepTimeMs"]) for s in steps if s.get("stepTimeMs") is not None]
+    if times:
+        mean = sum(times) / len(times)
+        std = math.sqrt(sum((t - mean) ** 2 for t in times) / len(times))
+        step_ms = {"mean": mean, "std": std, "min": min(times), "max": max(times)}
+    else:  # no step markers: xprof's own averages (zero when it found no steps)
+        step_ms = {"mean": _number(props.get("steptime_ms_average"), 0.0),
+                   "std": _number(props.get("steptime_ms_standard_deviation"), 0.0),
+                   "min": _number(props.get("steptime_ms_minimum"), 0.0),
+                   "max": _number(props.get("steptime_ms_maximum"), 0.0)}
+    total = sum(times)
+    input_ms = sum(float(s.get("infeedTimeMs") or 0.0) for s in steps)
+    compile_ms = sum(float(s.get("compileTimeMs") or 0.0) for s in steps)
+    return {
+        "steps": len(times),
+        "step_names": [s.get("stepnum") for s in steps],
+        "step_time_ms": step_ms,
+        # Input = time the step waited for its next batch (xprof's "Input" / infeed part).
+        "input_wait_percent": 100.0 * input_ms / total if total else 0.0,
+        "compile_time_ms": compile_ms,  # XLA/graph compilation inside the profiled steps
+        "hardware": props.get("hardware_type", ""),
+        "input_conclusion": props.get("input_conclusion", ""),
+    }
+
+
+def top_ops(op_stats: list, top: int = 10) -> list[dict]:
+    """The ops with the most self time, from framework_op_stats' table without IDLE.
+
+    Each op: where (Host/Device), type, name, occurrences, self time (ms) and its share (%) of
+    all self time on that side. Device ops come first when the profile has any (TPU, GPU).
+    """
+    tables = [t for t in op_stats
+              if any(c.get("id") == "total_self_time" for c in t.get("cols", []))]
+    rows = datatable_rows(tables[-1]) if tables else []  # the last table excludes IDLE
+    rows = [r for r in rows if r.get("type") != "IDLE"]
+    side_total = {}
+    for r in rows:
+        where = r["host_or_device"]
+        side_total[where] = side_total.get(where, 0.0) + r["total_self_time"]
+    rows.sort(key=lambda r: (r["host_or_device"] != "Device", -r["total_self_time"]))
+    return [{"where": r["host_or_device"], "type": r["type"], "name": r["operation"],
+             "occurrences": int(r.get("occurrences") or 0),
+             "self_time_ms": r["total_self_time"] / 1000.0,
+             "share_percent": (100.0 * r["total_self_time"] / side_total[r["host_or_device"]]
+                               if side_total[r["host_or_device"]] else 0.0)}
+            for r in rows[:top]]
+
+
+def _is_input_op(op: dict) -> bool:
+    return op["type"] in _INPUT_OP_TYPES or op["name"].startswith("Iterator::")
+
+
+def profile_report(folder: str, top: int = 10, quiet: bool = False) -> dict:
+    """Reads the newest capture under `folder` and returns the report as plain data.
+
+    Raises:
+      ProfileNotFound: no `*.xplane.pb` under the folder.
+    """
+    paths = find_xplanes(folder)
+    overview, input_pipeline, op_stats = (convert(paths, tool, quiet) for tool in REPORT_TOOLS)
+    report = {"profile": paths, **step_summary(overview, input_pipeline),
+              "top_ops": top_ops(op_stats, top)}
+    # When the step's own ops have (almost) no self time in framework_op_stats, the step ran as
+    # XLA computations it cannot look into (CPU): say so instead of showing a misleading list.
+    model_op_ms = sum(op["self_time_ms"] for op in top_ops(op_stats, top=10 ** 6)
+                      if not _is_input_op(op))
+    step_ms = report["step_time_ms"]["mean"] * report["steps"]
+    report["notes"] = [_XLA_NOTE] if step_ms and model_op_ms < 0.1 * step_ms else []
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as a terminal table."""
+    step = report["step_time_ms"]
+    lines = [
+        f"profile        {', '.join(report['profile'])}",
+        f"steps          {report['steps']} ({', '.join(map(str, report['step_names']))})",
+        f"step time      mean {step['mean']:.2f} ms  std {step['std']:.2f}  "
+        f"min {step['min']:.2f}  max {step['max']:.2f}",
+        f"input wait     {report['input_wait_percent']:.1f}% of step time",
+        f"compile time   {report['compile_time_ms']:.2f} ms inside the profiled steps"
+        + (" (on CPU xprof does not mark tracing/XLA compilation: it shows as step 0's time)"
+           if report.get("hardware") == "CPU_ONLY" else ""),
+    ]
+    if report.get("input_conclusion"):
+        lines.append(f"xprof says     {report['input_conclusion']}")
+    lines += ["", f"top {len(report['top_ops'])} ops by self time (share of all self time on "
+              "host or device)",
+              f"{'where':6} {'self ms':>9} {'share':>6} {'count':>5}  {'type':18} name"]
+    for op in report["top_ops"]:
+        lines.append(f"{op['where']:6} {op['self_time_ms']:9.3f} {op['share_percent']:5.1f}% "
+                     f"{op['occurrences']:5d}  {op['type'][:18]:18} {op['name']}")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`tools/profile_report.py PROFILE_DIR [--json OUT] [--top N]`; exit 2 without a profile."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="profile_report.py",
+        description="Step time, input-wait share, compile time and top ops of the newest "
+                    "profile captured under PROFILE_DIR (python -m msa_xla.train "
+                    "--profile_steps=A,B), read with xprof's converter.")
+    parser.add_argument("profile_dir", help="e.g. profiles/<run name>")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT "
+                        "('-' = stdout instead of the table)")
+    parser.add_argument("--top", type=int, default=10, help="how many ops to list (default 10)")
+    args = parser.parse_args(argv)
+    try:
+        report = profile_report(args.profile_dir, top=args.top, quiet=True)
+    except ProfileNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0

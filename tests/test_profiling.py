@@ -1,0 +1,100 @@
+"""Profiling end to end: a short CPU training run with --profile_steps leaves a profile under
+profiles/<run name>/, and the report on it (msa_xla.profiling, tools/profile_report.py) gives step
+time, input-wait share and the model's attention ops; a folder without a profile exits 2.
+
+The run uses --jit_compile=false --attention_impl=reference: on CPU, framework_op_stats lists no
+ops from inside an XLA computation, so with the whole step (or the fused attention kernel) under
+XLA the attention ops could not be found in the report at all (the report then says so).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from msa_xla import profiling
+from tests.train_helpers import TINY, make_tiny_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT_CLI = os.path.join(ROOT, "tools", "profile_report.py")
+RUN_NAME = "prof-run"
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory):
+    """One tiny training run (1 epoch of 8 steps) profiling steps 2..4; cwd is a temp folder so
+    the default profiles/<run name>/ lands there. Returns (cwd, profile folder)."""
+    cwd = tmp_path_factory.mktemp("profiling")
+    data_dir = make_tiny_dataset(cwd / "data")
+    command = [sys.executable, "-m", "msa_xla.train", *TINY, f"--data_dir={data_dir}",
+               f"--workdir={cwd / 'runs' / RUN_NAME}", "--epochs=1", "--profile_steps=2,4",
+               "--jit_compile=false", "--attention_impl=reference", "--checkpoint_every=0"]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "profiled train steps 2..4" in done.stdout, done.stdout[-2000:]
+    return cwd, cwd / "profiles" / RUN_NAME
+
+
+def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
+    _, folder = profiled_run
+    paths = profiling.find_xplanes(str(folder))
+    assert len(paths) == 1 and paths[0].endswith(".xplane.pb") and os.path.getsize(paths[0]) > 0
+
+
+def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
+    _, folder = profiled_run
+    report = profiling.profile_report(str(folder), top=10)
+    # Exactly the window: steps 2..4 of epoch 0 (fit's own step markers), no validation steps.
+    assert report["step_names"] == ["train 2", "train 3", "train 4"]
+    step = report["step_time_ms"]
+    assert 0 < step["min"] <= step["mean"] <= step["max"] and step["std"] >= 0
+    assert 0 <= report["input_wait_percent"] <= 100
+    assert report["compile_time_ms"] >= 0 and report["notes"] == []
+    names = [op["name"] for op in report["top_ops"]]
+    assert any("/attention/" in name for name in names), names
+    assert all(0 <= op["share_percent"] <= 100 and op["self_time_ms"] >= 0
+               for op in report["top_ops"])
+    # The named scopes make each part attributable: the attention core inside an encoder
+    # layer's attention, and each fusion direction.
+    every = [op["name"] for op in profiling.profile_report(str(folder), top=10 ** 6)["top_ops"]]
+    assert any("text_encoder/block_0/attention/attention/" in name for name in every)
+    assert any("fusion/text_from_audio/" in name for name in every)
+    assert any("fusion/text_from_video/" in name for name in every)
+
+
+def test_report_cli_prints_table_and_writes_json(profiled_run, tmp_path):
+    cwd, folder = profiled_run
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, REPORT_CLI, str(folder), "--json", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step time" in done.stdout and "input wait" in done.stdout
+    assert "/attention/" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["step_time_ms"]["mean"] > 0 and len(report["top_ops"]) == 10
+
+
+@pytest.mark.parametrize("make", ["empty", "missing"])
+def test_report_without_profile_is_one_clear_line_and_exit_2(tmp_path, make):
+    folder = tmp_path / "no_profile"
+    if make == "empty":
+        folder.mkdir()
+        (folder / "plugins" / "profile").mkdir(parents=True)
+    done = subprocess.run([sys.executable, REPORT_CLI, str(folder)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no profile in {folder}"), done.stderr
+    assert done.stdout == ""
+
+
+def test_profile_window_only_on_the_chief_and_default_dir():
+    assert profiling.make_profile_callback(profile_steps=(1, 2), is_chief=False) is None
+    assert profiling.make_profile_callback(profile_steps=(), is_chief=True) is None
+    window = profiling.make_profile_callback(profile_steps=(1, 2), is_chief=True, run_name="r1")
+    assert (window.first, window.last) == (1, 2)
+    assert window.logdir == os.path.join("profiles", "r1")
+    with pytest.raises(ValueError, match="0 <= A <= B"):
+        profiling.make_profile_callback(profile_steps=(3, 2), is_chief=True)
