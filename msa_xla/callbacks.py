@@ -121,13 +121,15 @@ class Throughput(keras.callbacks.Callback):
 
 def _profile_callback(cfg, chief: bool):
     """msa_xla.profiling.make_profile_callback(...) when that module exists, else None."""
-    if not cfg.profile_steps or importlib.util.find_spec("msa_xla.profiling") is None:
+    if (not (cfg.profile_steps or cfg.profiler_port)
+            or importlib.util.find_spec("msa_xla.profiling") is None):
         return None
     from msa_xla import profiling
 
     return profiling.make_profile_callback(
         profile_steps=cfg.profile_steps, profile_dir=cfg.profile_dir,
-        profiler_port=cfg.profiler_port, is_chief=chief)
+        profiler_port=cfg.profiler_port, is_chief=chief,
+        run_name=os.path.basename(os.path.normpath(cfg.workdir or "run")))
 
 
 def build_callbacks(cfg, *, seed_dir: str, run_checkpoint, steps_per_epoch: int, chief: bool):

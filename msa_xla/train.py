@@ -91,7 +91,8 @@ flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
 flags.DEFINE_integer("verbose", _D.verbose, "Keras verbosity: 1 progress bar, 2 one line per "
                      "epoch, 0 silent; -1 = 1 on a terminal else 2.")
 flags.DEFINE_list("profile_steps", [], "A,B: profile train steps A..B (needs msa_xla.profiling).")
-flags.DEFINE_string("profile_dir", None, "Where profiles go (default <workdir>/profile).")
+flags.DEFINE_string("profile_dir", None, "Where profiles go (default profiles/<run name>, the "
+                    "run name being the last part of --workdir).")
 flags.DEFINE_integer("profiler_port", 0, "Start a profiler server on this port (0 = off).")
 FLAGS = flags.FLAGS
 
