@@ -22,6 +22,11 @@ import math
 
 import tensorflow as tf
 
+try:  # Private but stable since TF 1.x; without it we always call the compiled unit.
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+except ImportError:  # pragma: no cover
+    GraphOrParentsInXlaContext = None
+
 ATTENTION_IMPLS = ("reference", "fused", "chunked")
 DEFAULT_BLOCK_SIZE = 128
 
@@ -110,7 +115,20 @@ _fused_xla = tf.function(_attention_math, jit_compile=True, autograph=False,
                          reduce_retracing=False)
 
 
+def _in_xla_context():
+    """True while tracing inside a jit-compiled function (e.g. `compile(jit_compile=True)`)."""
+    if GraphOrParentsInXlaContext is None or tf.executing_eagerly():
+        return False
+    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
 def _fused(q, k, v, q_mask, kv_mask):
+    # Inside an XLA cluster the math is inlined: the surrounding compilation fuses it anyway,
+    # and a nested jit_compile function there made XLA treat every argument of the train step
+    # (the batch and all weights) as a compile-time constant, so the step recompiled on every
+    # call (~10 s a step on CPU; see tools/bench.py's retrace and DeviceCompiler logs).
+    if _in_xla_context():
+        return _attention_math(q, k, v, q_mask, kv_mask)
     return _fused_xla(q, k, v, q_mask, kv_mask)
 
 
