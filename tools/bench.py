@@ -42,8 +42,9 @@ sys.path[:0] = [TOOLS_DIR, REPO_DIR]  # run from a checkout; baseline_model and 
 SPEC = dict(batch_size=32, seq_len=50, text_dim=300, audio_dim=74, video_dim=47, num_heads=4,
             n_layers_mod=2, n_layers_fuse=1, dropout_rate=0.1)
 SPEC_SIZES = ((128, 256), (256, 512))  # (model_dim, ff_dim); targets 1.5x and 1.3x
+# Quick: no encoder blocks and one fusion layer, so the XLA compile of the step stays short.
 QUICK = dict(batch_size=4, seq_len=8, text_dim=12, audio_dim=6, video_dim=5, num_heads=2,
-             n_layers_mod=1, n_layers_fuse=1, dropout_rate=0.1)
+             n_layers_mod=0, n_layers_fuse=1, dropout_rate=0.1)
 QUICK_SIZES = ((16, 32),)
 TARGET_VS_BASELINE = {128: 1.5, 256: 1.3}
 TARGET_JIT_VS_NOJIT = 0.95
@@ -305,8 +306,25 @@ def attention_worker(impl, seq_len, batch, heads, head_dim, iters, jit):
         result["best_ms"] = round(1e3 * min(times), 3)
         result["median_ms"] = round(1e3 * statistics.median(times), 3)
     result["rss_inputs_mb"] = round(rss_inputs, 1)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
     print("BENCH_JSON " + json.dumps(result))
+
+
+def _peak_rss_mb():
+    """This process's peak resident memory (MiB).
+
+    VmHWM from /proc, not `getrusage(RUSAGE_SELF).ru_maxrss`: on Linux ru_maxrss survives
+    fork + exec, so a child of a large parent (this benchmark holds six models) reports the
+    parent's peak. VmHWM belongs to the new address space. ru_maxrss is the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _current_rss_mb():
@@ -332,21 +350,23 @@ def _worker_result(impl, seq_len, returncode, stdout, stderr):
             "error": (stderr or stdout)[-2000:]}
 
 
-def bench_attention(spec, seq_lens, jit, parallel=False):
-    """One subprocess per (impl, T), plus one memory baseline ('none') per T.
+def bench_attention(spec, seq_lens, jit, one_process=False):
+    """One subprocess per (impl, T), plus one memory baseline ('none') per T, one at a time.
 
-    Sequential by default, so timings do not share the CPUs; `parallel` (quick mode) only
-    checks that everything runs.
+    `one_process` (quick mode) runs every impl of a T in a single subprocess: it only checks
+    that everything runs (the peak memory is then cumulative).
     """
     jobs = [(impl, t) for t in seq_lens for impl in ("none",) + ATTENTION_IMPLS]
-    if parallel:
-        procs = [(impl, t, subprocess.Popen(_worker_command(impl, t, spec, jit), text=True,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-                 for impl, t in jobs]
+    if one_process:  # quick mode: every (impl, T) in one process, one after the other
+        impls = "+".join(("none",) + ATTENTION_IMPLS)
         results = []
-        for impl, t, proc in procs:
-            out, err = proc.communicate(timeout=600)
-            results.append(_worker_result(impl, t, proc.returncode, out, err))
+        for t in seq_lens:
+            proc = subprocess.run(_worker_command(impls, t, spec, jit), capture_output=True,
+                                  text=True, timeout=600)
+            found = [json.loads(line[len("BENCH_JSON "):]) for line in proc.stdout.splitlines()
+                     if line.startswith("BENCH_JSON ")]
+            results += found or [_worker_result("+", t, proc.returncode, proc.stdout,
+                                                proc.stderr)]
     else:
         results = []
         for impl, t in jobs:
@@ -415,7 +435,8 @@ def format_report(result):
     cfg = result["config"]
     out.append(f"host: {host['cpu']}, {host['cpus']} CPUs ({' '.join(host['isa'])}), "
                f"TF {host['tensorflow']}, tf_keras {host['tf_keras']}")
-    out.append(f"command: {result['command']}")
+    out.append(f"command: {result['command']}  (load average {result['load_average_start'][0]} "
+               f"at start, {result['load_average_end'][0]} at end, on {host['cpus']} CPUs)")
     peaks = result["matmul_peak"]
     out.append("matmul peak ({0}^3): float32 {1} GFLOP/s, bfloat16 {2} GFLOP/s (best of {3})"
                .format(peaks["float32"]["n"], peaks["float32"]["best_gflops"],
@@ -496,20 +517,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.attention_worker:
-        impl, t, b, h, dh, iters, jit = args.attention_worker.split(",")
-        attention_worker(impl, int(t), int(b), int(h), int(dh), int(iters), bool(int(jit)))
+        impls, t, b, h, dh, iters, jit = args.attention_worker.split(",")
+        for impl in impls.split("+"):  # several only in quick mode (memory then cumulative)
+            attention_worker(impl, int(t), int(b), int(h), int(dh), int(iters), bool(int(jit)))
         return 0
 
     quick = args.quick
     cfg = dict(QUICK if quick else SPEC)
     sizes = (tuple(tuple(int(x) for x in p.split(":")) for p in args.sizes.split(","))
              if args.sizes else (QUICK_SIZES if quick else SPEC_SIZES))
-    rounds = args.rounds or (2 if quick else 5)
-    steps = args.steps or (4 if quick else 30)
-    warmup_steps = 3 if quick else 10
-    peak_n, peak_reps = (256, 2) if quick else (2048, 5)
+    rounds = args.rounds or (1 if quick else 4)
+    steps = args.steps or (3 if quick else 20)
+    warmup_steps = 2 if quick else 5
+    peak_n, peak_reps = (256, 2) if quick else (2048, 4)
     attention_spec = (dict(batch=2, heads=2, head_dim=8, iters=2, iters_long=2) if quick
-                      else dict(batch=4, heads=4, head_dim=32, iters=20, iters_long=5))
+                      else dict(batch=4, heads=4, head_dim=32, iters=10, iters_long=3))
     seq_lens = (tuple(int(x) for x in args.attention_seq_lens.split(","))
                 if args.attention_seq_lens else ((16,) if quick else (50, 500, 2048)))
     attention_jit = not args.no_attention_jit
@@ -517,14 +539,24 @@ def main(argv=None):
 
     import tensorflow as tf  # noqa: F401  (after the env var)
 
-    result = {"command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None
+    result = {"load_average_start": [round(x, 2) for x in os.getloadavg()],
+              "command": "python tools/bench.py " + " ".join(sys.argv[1:] if argv is None
                                                               else argv),
               "host": host_info(), "config": cfg, "quick": quick,
               "settings": {"rounds": rounds, "steps": steps, "warmup_steps": warmup_steps,
                            "peak_reps": peak_reps}}
+    sections = result["section_seconds"] = {}
+    mark = time.perf_counter()
+
+    def lap(name):
+        nonlocal mark
+        sections[name] = round(time.perf_counter() - mark, 1)
+        mark = time.perf_counter()
+
     print("matmul peak ...", flush=True)
     peaks = {d: matmul_peak(d, peak_n, peak_reps) for d in ("float32", "bfloat16")}
     result["matmul_peak"] = peaks
+    lap("matmul_peak")
     print("training ...", flush=True)
     result["training"] = bench_training(cfg, sizes, rounds, steps, warmup_steps, peaks)
     # Peak again after training: the machine's state drifts; keep the higher (the capability).
@@ -532,19 +564,23 @@ def main(argv=None):
         again = matmul_peak(d, peak_n, peak_reps)
         if again["best_gflops"] > peaks[d]["best_gflops"]:
             peaks[d] = again
+    lap("training")
     print("input pipeline ...", flush=True)
-    result["input_pipeline"] = bench_input(cfg["batch_size"], 20 if quick else 100,
-                                           2 if quick else 3)
+    result["input_pipeline"] = bench_input(cfg["batch_size"], 5 if quick else 100,
+                                           1 if quick else 3)
     best_train = max(c["best_samples_per_s"] for run in result["training"]
                      for c in run["candidates"].values())
     result["input_vs_training"] = round(
         result["input_pipeline"]["median_examples_per_s"] / best_train, 1)
+    lap("input_pipeline")
     print("attention ...", flush=True)
     result["attention"] = {**attention_spec, "jit": attention_jit, "seq_lens": list(seq_lens),
                            "rows": bench_attention(attention_spec, seq_lens, attention_jit,
-                                                   parallel=quick)}
+                                                   one_process=quick)}
+    lap("attention")
     result["targets"] = evaluate_targets(result)
     result["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    result["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     report = format_report(result)
     result["report"] = report
     print()

@@ -1,0 +1,50 @@
+"""tools/bench.py runs end to end at tiny sizes and its JSON holds every field (speed is never
+asserted: that is the benchmark's job, not a test's)."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TOP_LEVEL = ("command", "host", "config", "quick", "settings", "matmul_peak", "training",
+             "input_pipeline", "input_vs_training", "attention", "targets", "report",
+             "elapsed_seconds", "section_seconds", "load_average_start", "load_average_end")
+CANDIDATE = ("samples_per_s", "best_samples_per_s", "median_samples_per_s", "warmup_seconds",
+             "tracing_count_after_warmup", "tracing_count_end", "recompiled_after_warmup",
+             "best_gflops", "median_gflops", "best_mfu_float32", "best_mfu_bfloat16",
+             "median_mfu_float32", "median_mfu_bfloat16")
+RATIOS = ("msa_xla_jit/keras_baseline", "msa_xla_jit/msa_xla_nojit",
+          "msa_xla_nojit/keras_baseline")
+ATTENTION_ROW = ("impl", "seq_len", "best_ms", "median_ms", "peak_rss_mb", "baseline_rss_mb",
+                 "peak_mb_over_baseline")
+
+
+def test_quick_benchmark_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "MSA_XLA_DATA_HOME": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "bench.py"), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in TOP_LEVEL:
+        assert key in result, key
+    for dtype in ("float32", "bfloat16"):
+        assert result["matmul_peak"][dtype]["best_gflops"] > 0
+    (run,) = result["training"]
+    assert run["flops_per_sample"]["train"] == 3 * run["flops_per_sample"]["forward"] > 0
+    assert run["params"] > 0
+    for name in ("msa_xla_jit", "msa_xla_nojit", "keras_baseline"):
+        for key in CANDIDATE:
+            assert key in run["candidates"][name], (name, key)
+    for ratio in RATIOS:
+        assert set(run["ratios"][ratio]) == {"best", "median", "median_of_rounds"}
+    impls = {row["impl"] for row in result["attention"]["rows"]}
+    assert impls == {"reference", "fused", "chunked", "keras_mha"}
+    for row in result["attention"]["rows"]:
+        for key in ATTENTION_ROW:
+            assert key in row, (row.get("impl"), key)
+    assert result["input_pipeline"]["median_examples_per_s"] > 0
+    assert all("met" in t for t in result["targets"])
+    assert "MSASeqLevelModel jit" in result["report"] and "Targets" in proc.stdout
