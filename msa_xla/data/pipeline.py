@@ -10,7 +10,8 @@ import os
 
 import tensorflow as tf
 
-from msa_xla.data import schema
+from msa_xla.data import integrity, schema
+from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards  # noqa: F401 (re-exported)
 from msa_xla.data.schema import MODALITIES, DataError
 
 TEXT_INPUTS = ("features", "tokens")
@@ -19,12 +20,11 @@ TEXT_INPUTS = ("features", "tokens")
 _SHUFFLE_BYTES = 256 << 20
 _MIN_SHUFFLE_RECORDS = 1024
 
-_verified = set()  # (path, size, mtime_ns) of shards already checked in this process.
-
 
 def _shard_paths(data_dir, meta, split):
     if split not in meta["splits"]:
-        raise DataError(f"{data_dir}: no split {split!r} (has {sorted(meta['splits'])})")
+        raise DataError(f"{os.path.join(data_dir, schema.METADATA_FILE)}: no split {split!r} "
+                        f"(has {sorted(meta['splits'])})")
     paths = []
     for shard in meta["splits"][split]["shards"]:
         path = os.path.join(data_dir, shard["file"])
@@ -34,25 +34,17 @@ def _shard_paths(data_dir, meta, split):
     return paths
 
 
-def verify_shards(paths):
-    """Check each (path, count) shard once per process; raise DataError naming a bad file.
+def verify_shards(paths, meta=None, *, skip_corrupt=False):
+    """Check each (path, count) shard; raise DataError naming a bad file. Returns the usable
+    [(path, count)]: the files themselves, or with `skip_corrupt` private copies of damaged ones
+    holding only their good records (a CorruptRecordsWarning gives the exact number skipped).
 
     Why up front: tf.data reports a damaged file as "corrupted record at 421400" with no file name,
-    mid-training. The header walk catches truncation cheaply; a full read per file (TF's C++ reader
-    checks every record's CRC) catches flipped bytes. Re-checked only when a file changes.
+    mid-training, and cannot skip it. The scan (msa_xla/data/integrity.py) checks framing and every
+    CRC, and with `meta` parses every record and checks lengths and finite values; it runs once per
+    file and process (cached per path, size and mtime).
     """
-    for path, count in paths:
-        stat = os.stat(path)
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        if key in _verified:
-            continue
-        schema.check_tfrecord_framing(path, count)
-        try:
-            tf.data.TFRecordDataset(path, buffer_size=8 << 20).reduce(
-                tf.constant(0, tf.int64), lambda n, _: n + 1)
-        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
-            raise DataError(f"{path}: corrupted TFRecord file ({err.message.strip()})") from None
-        _verified.add(key)
+    return integrity.usable_files(integrity.scan_paths(paths, meta), skip_corrupt)
 
 
 def _parser(meta, batch_size, text_input):
@@ -86,7 +78,7 @@ def _parser(meta, batch_size, text_input):
 
 
 def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, drop_remainder=True,
-                 input_context=None, seed=None, text_input="features"):
+                 input_context=None, seed=None, text_input="features", skip_corrupt=False):
     """Batched examples of one split of a folder written by tools/convert_to_tfrecord.py.
 
     Args:
@@ -102,6 +94,11 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
       seed: shuffle seed (file order and records), for reproducible runs.
       text_input: 'features' (float text features) or 'tokens' (int32 WordPiece ids; needs a dataset
         converted with --tokenize).
+      skip_corrupt: False: any damaged shard (bad framing or CRC, a record that does not parse with
+        metadata.json's shapes, a true length out of range) raises DataError naming the file and
+        record. True: such records are skipped, with a CorruptRecordsWarning stating the exact count
+        per file (`scan_shards(data_dir, split)` returns the counts). Non-finite features or labels
+        raise DataError naming the clip either way.
     Returns:
       `tf.data.Dataset` of `((text, audio, video, text_mask, audio_mask, video_mask), label)`.
     """
@@ -115,13 +112,13 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
         raise DataError(f"{data_dir}: text_input='tokens' but the dataset has no token ids "
                         "(convert it with --tokenize)")
     paths = _shard_paths(data_dir, meta, split)
-    verify_shards(paths)
+    paths = verify_shards(paths, meta, skip_corrupt=skip_corrupt)  # usable files, good counts
     files = [p for p, _ in paths]
     shuffle = split == "train" if shuffle is None else shuffle
     # Order is reproducible for eval and whenever a seed is given; otherwise tf.data may hand out
     # whichever element is ready first (faster when a read or parse stalls).
     deterministic = not shuffle or seed is not None
-    count = meta["splits"][split]["count"]
+    count = sum(c for _, c in paths)
 
     shard_records = None
     if input_context is not None and input_context.num_input_pipelines > 1:

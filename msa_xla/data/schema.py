@@ -64,6 +64,7 @@ def feature_spec(metadata, *, modalities=MODALITIES, tokens=False):
 # checks the bytes parse to the same message as protobuf's own serializer.
 
 def _varint(value):
+    value &= (1 << 64) - 1  # int64 wire format: a negative value is its 64-bit two's complement
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -155,34 +156,64 @@ def write_metadata(meta, folder):
     return path
 
 
+# Largest float count of one modality per clip that metadata may declare (a 1 GiB record): a
+# damaged metadata.json must fail with a message, not make the parser allocate terabytes.
+MAX_FEATURE_VALUES = 1 << 28
+
+
+def _is_int(value, low=0):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def validate_metadata(meta, path="metadata.json"):
-    """Raise DataError naming `path` unless `meta` has the keys and types readers rely on."""
+    """Raise DataError naming `path` unless `meta` has the keys and types readers rely on.
+
+    Checks every field a reader uses (types, signs, sizes, split counts = sum of shard counts), so a
+    truncated, bit-flipped or hand-edited file fails here with one line, never later with a
+    KeyError/TypeError or inside TF.
+    """
     def bad(why):
         raise DataError(f"{path}: invalid metadata ({why})")
 
     if not isinstance(meta, dict):
         bad("not a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
-        bad(f"format_version={meta.get('format_version')!r}, this reader expects {FORMAT_VERSION}; "
+    version = meta.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        bad(f"format_version={version!r}, this reader expects {FORMAT_VERSION}; "
             "re-run tools/convert_to_tfrecord.py")
+    modalities = meta.get("modalities")
+    if not isinstance(modalities, dict):
+        bad("'modalities' must be an object")
     for name in MODALITIES:
-        info = meta.get("modalities", {}).get(name)
-        if not isinstance(info, dict) or not all(
-                isinstance(info.get(k), int) and info[k] > 0 for k in ("dim", "seq_len")):
+        info = modalities.get(name)
+        if not isinstance(info, dict) or not all(_is_int(info.get(k), 1) for k in ("dim", "seq_len")):
             bad(f"modalities.{name} needs positive int 'dim' and 'seq_len'")
+        if info["dim"] * info["seq_len"] > MAX_FEATURE_VALUES:
+            bad(f"modalities.{name}: seq_len*dim={info['dim'] * info['seq_len']} is implausibly large")
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not splits:
         bad("no 'splits'")
     for split, info in splits.items():
-        if not isinstance(info.get("count"), int) or not isinstance(info.get("shards"), list):
-            bad(f"splits.{split} needs int 'count' and list 'shards'")
+        if not isinstance(info, dict) or not _is_int(info.get("count")) \
+                or not isinstance(info.get("shards"), list):
+            bad(f"splits.{split} needs int 'count' >= 0 and list 'shards'")
         for shard in info["shards"]:
             if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) \
-                    or not isinstance(shard.get("count"), int):
-                bad(f"splits.{split}.shards entries need 'file' and 'count'")
+                    or not _is_int(shard.get("count")):
+                bad(f"splits.{split}.shards entries need 'file' and int 'count' >= 0")
+            name = shard["file"]
+            if not name or os.path.basename(name) != name or name in (".", ".."):
+                bad(f"splits.{split}.shards: {name!r} is not a file name")
+        total = sum(shard["count"] for shard in info["shards"])
+        if total != info["count"]:
+            bad(f"splits.{split}.count={info['count']} but its shards hold {total}")
     tokens = meta.get("tokens")
-    if tokens is not None and not isinstance(tokens.get("seq_len"), int):
-        bad("tokens.seq_len must be an int")
+    if tokens is not None:
+        if not isinstance(tokens, dict) or not _is_int(tokens.get("seq_len"), 1) \
+                or not _is_int(tokens.get("vocab_size"), 1):
+            bad("tokens needs positive int 'seq_len' and 'vocab_size'")
+        if tokens["seq_len"] > MAX_FEATURE_VALUES:
+            bad(f"tokens.seq_len={tokens['seq_len']} is implausibly large")
     return meta
 
 
@@ -195,7 +226,7 @@ def load_metadata(data_dir):
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON and UTF-8 errors
         raise DataError(f"{path}: cannot read metadata ({err})") from None
     return validate_metadata(meta, path)
 
@@ -204,7 +235,8 @@ def num_examples(data_dir, split):
     """Number of clips in `split` according to metadata.json."""
     meta = load_metadata(data_dir)
     if split not in meta["splits"]:
-        raise DataError(f"{data_dir}: no split {split!r} (has {sorted(meta['splits'])})")
+        raise DataError(f"{os.path.join(os.fspath(data_dir), METADATA_FILE)}: no split {split!r} "
+                        f"(has {sorted(meta['splits'])})")
     return meta["splits"][split]["count"]
 
 
