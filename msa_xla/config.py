@@ -50,6 +50,7 @@ class TrainConfig:
     # data
     data_dir: str | None = None  # None -> the built-in synthetic dataset
     text_input: str = "features"
+    skip_corrupt: bool = False  # skip damaged records (warned, counted) instead of stopping
     # model (the spec's training config)
     model: str = "seqlevel"
     model_dim: int = 128

@@ -85,8 +85,9 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
 
     # ---- input --------------------------------------------------------------------------------
     train = train_data(cfg.data_dir, cfg.batch_size, strategy, seed=seed, start_step=step,
-                       text_input=cfg.text_input)
-    valid = eval_data(cfg.data_dir, "valid", cfg.batch_size, strategy, text_input=cfg.text_input)
+                       text_input=cfg.text_input, skip_corrupt=cfg.skip_corrupt)
+    valid = eval_data(cfg.data_dir, "valid", cfg.batch_size, strategy, text_input=cfg.text_input,
+                      skip_corrupt=cfg.skip_corrupt)
     valid_steps = math.ceil(counts["valid"] / cfg.batch_size)
 
     # ---- loop ---------------------------------------------------------------------------------
@@ -110,7 +111,8 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
 
     # ---- eval ---------------------------------------------------------------------------------
     handles["early"].restore_best()
-    test = eval_data(cfg.data_dir, "test", cfg.batch_size, strategy, text_input=cfg.text_input)
+    test = eval_data(cfg.data_dir, "test", cfg.batch_size, strategy, text_input=cfg.text_input,
+                      skip_corrupt=cfg.skip_corrupt)
     test_logs = model.evaluate(test, steps=math.ceil(counts["test"] / cfg.batch_size),
                                return_dict=True, verbose=0)
     keras_path = os.path.join(seed_dir, "model.keras")

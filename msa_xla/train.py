@@ -35,6 +35,9 @@ _D = TrainConfig()
 flags.DEFINE_string("data_dir", None, "Folder of TFRecords + metadata.json (tools/"
                     "convert_to_tfrecord.py). Default: the built-in synthetic MOSI-shaped dataset, "
                     "created on first use.")
+flags.DEFINE_bool("skip_corrupt", _D.skip_corrupt, "Skip damaged TFRecord records with a "
+                  "warning and an exact count per file, instead of stopping with an error naming "
+                  "the file. Non-finite values always stop the run (naming the clip).")
 flags.DEFINE_enum("text_input", _D.text_input, CHOICES["text_input"],
                   "Text as float features, or token ids (datasets converted with --tokenize).")
 flags.DEFINE_enum("model", _D.model, CHOICES["model"], "Model from msa_xla.models.MODELS.")

@@ -74,23 +74,26 @@ def _distribute(strategy, build, global_batch):
     return strategy.distribute_datasets_from_function(dataset_fn, options)
 
 
-def train_data(data_dir, global_batch, strategy, *, seed, start_step=0, text_input="features"):
+def train_data(data_dir, global_batch, strategy, *, seed, start_step=0, text_input="features",
+               skip_corrupt=False):
     """Endless shuffled global batches from `start_step` on (the batches a fresh run sees then)."""
 
     def build():
         dataset = make_dataset(data_dir, "train", global_batch, shuffle=True, repeat=True,
-                               seed=seed, text_input=text_input)
+                               seed=seed, text_input=text_input, skip_corrupt=skip_corrupt)
         return dataset.skip(start_step) if start_step else dataset
 
     return _distribute(strategy, build, global_batch)
 
 
-def eval_data(data_dir, split, global_batch, strategy, *, text_input="features"):
+def eval_data(data_dir, split, global_batch, strategy, *, text_input="features",
+              skip_corrupt=False):
     """Every clip of `split` in source order, as zero-weight-padded global batches."""
 
     def build():
         dataset = make_dataset(data_dir, split, global_batch, shuffle=False,
-                               drop_remainder=False, text_input=text_input)
+                               drop_remainder=False, text_input=text_input,
+                               skip_corrupt=skip_corrupt)
         return dataset.map(_pad_to_batch(global_batch))
 
     return _distribute(strategy, build, global_batch)

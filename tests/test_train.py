@@ -1,5 +1,6 @@
 """The trainer end to end: each model learns and writes complete results; one trace over two epochs;
 N replicas (Mirrored over 2 logical CPUs, 2 MultiWorker processes) == 1 replica; bad flags."""
+import glob
 import json
 import os
 import subprocess
@@ -144,3 +145,19 @@ def test_bad_flags_end_with_one_line_and_exit_code_2(tmp_path, args, words):
     assert code == 2, err
     assert len(lines) == 1 and words in lines[0], err
     assert "Traceback" not in err
+
+
+def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path):
+    data = make_tiny_dataset(tmp_path / "data")
+    shard = sorted(glob.glob(os.path.join(data, "train-*.tfrecord")))[0]
+    with open(shard, "r+b") as f:  # flip a byte inside the first record's payload
+        f.seek(40)
+        byte = f.read(1)
+        f.seek(40)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    args = TINY + [f"--data_dir={data}", "--epochs=1"]
+    code, _, err = run_train(args + [f"--workdir={tmp_path / 'strict'}"], timeout=120)
+    assert code == 2 and os.path.basename(shard) in err and "Traceback" not in err, err
+    code, _, err = run_train(args + ["--skip_corrupt", f"--workdir={tmp_path / 'skip'}"])
+    assert code == 0, err
+    assert "skipped 1 of" in err, err
