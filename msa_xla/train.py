@@ -17,12 +17,6 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Measured on this 2-core CPU host (TF 2.21, default model, whole train step under XLA): with XLA's
-# CPU thunk runtime (the default) the step ran at ~3 samples/s; with the classic runtime at ~85
-# samples/s (no jit: ~62). Set before TF loads; a user's own XLA_FLAGS choice wins.
-if "xla_cpu_use_thunk_runtime" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_use_thunk_runtime=false").strip()
 
 from absl import app, flags  # noqa: E402
 

@@ -100,7 +100,9 @@ class CrossAttentionBlock(_ResidualBlockBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.context_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="context_norm")
+        # Pre-norm also normalises the context; post-norm has no use for it (no unbuilt layer).
+        self.context_norm = (keras.layers.LayerNormalization(epsilon=1e-6, name="context_norm")
+                             if self.norm_first else None)
 
     def call(self, query_seq, context_seq, query_mask=None, context_mask=None, training=None):
         if self.norm_first:
