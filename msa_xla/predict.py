@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
+
+from msa_xla.cli_errors import absl_flags_parser, report_error  # noqa: E402
 
 flags.DEFINE_string("model_dir", None, "Training workdir, seed folder, or .keras file.")
 flags.DEFINE_string("data_dir", None, "Dataset folder (default: the built-in synthetic dataset).")
@@ -104,22 +105,12 @@ def main(argv) -> int:
         output = FLAGS.output or os.path.join(out_dir, f"predictions_{FLAGS.split}.csv")
         write_csv(output, ids, preds, labels)
     except (ValueError, DataError, FileNotFoundError, OSError) as error:
-        text = str(error).strip().splitlines()
-        print(f"error: {text[0] if text else type(error).__name__}", file=sys.stderr)
-        return 2
+        return report_error(error)
     metrics = msa_metrics(labels, preds)
     print(f"{len(ids)} predictions -> {output}; MAE {metrics['MAE']:.4f}, "
           f"Non0_acc_2 {100 * metrics['Non0_acc_2']:.2f}%", flush=True)
     return 0
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=absl_flags_parser(FLAGS))

@@ -20,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from msa_xla.cli_errors import absl_flags_parser, report_error  # noqa: E402
+
 from msa_xla.config import CHOICES, DEFAULT_EPOCHS, TrainConfig  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -220,22 +222,11 @@ def main(argv) -> int:
     except (ValueError, DataError, FileNotFoundError) as error:
         # StrategyError, PrecisionError, CheckpointError and the models' validation errors are
         # ValueErrors: a wrong setting, reported as one line.
-        text = str(error).strip().splitlines()
-        print(f"error: {text[0] if text else type(error).__name__}", file=sys.stderr)
-        return 2
-
-
-def _parse_flags(argv):
-    """absl parsing, but a bad flag is one `error:` line and exit code 2 (absl would exit 1)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return report_error(error)
 
 
 def entry_point():
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=absl_flags_parser(FLAGS))
 
 
 if __name__ == "__main__":
