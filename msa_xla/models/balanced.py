@@ -63,6 +63,8 @@ class BalancedMSAModel(PooledFusionModel):
         self.gaussian_enhancement, self.noise_seed = bool(gaussian_enhancement), int(noise_seed)
         self.unimodal_heads = [keras.layers.Dense(1, dtype="float32", name=f"{m}_head")
                                for m in MODALITIES]
+        # Metrics, not raw logs: aggregated correctly over replicas and averaged over the epoch.
+        self.coefficient_trackers = [keras.metrics.Mean(name=f"coeff_{m}") for m in MODALITIES]
 
     def forward(self, sequences, masks, training=None):
         pooled = self.encode(sequences, masks, training=training)
@@ -101,8 +103,13 @@ class BalancedMSAModel(PooledFusionModel):
             modulated[i] = new_grad
         return modulated
 
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    def compute_gradients(self, x, y, sample_weight=None):
+        """Forward, loss and modulated gradients: everything of the step but the update.
+
+        Returns (loss, y_pred, grads, {}); the coefficients go to `coefficient_trackers`. The
+        trainer XLA-compiles this per replica where the update must stay outside XLA (several
+        CPU replicas).
+        """
         y_true = tf.reshape(tf.cast(y, tf.float32), [-1, 1])
         optimizer = self.optimizer
         scales_loss = isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer)
@@ -113,16 +120,19 @@ class BalancedMSAModel(PooledFusionModel):
             loss = self.compute_loss(x, y, y_pred, sample_weight)
             loss += self.aux_weight * tf.add_n(errors) / self.distribute_strategy.num_replicas_in_sync
             tape_loss = optimizer.get_scaled_loss(loss) if scales_loss else loss
-        variables = self.trainable_variables
-        grads = tape.gradient(tape_loss, variables)
+        grads = tape.gradient(tape_loss, self.trainable_variables)
         if scales_loss:
             grads = optimizer.get_unscaled_gradients(grads)
         coefficients = modulation_coefficients(errors, self.alpha)
-        optimizer.apply_gradients(zip(self._modulate(grads, coefficients), variables))
-        logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        for name, coeff in zip(MODALITIES, tf.unstack(coefficients)):
-            logs[f"coeff_{name}"] = coeff
-        return logs
+        for tracker, coefficient in zip(self.coefficient_trackers, tf.unstack(coefficients)):
+            tracker.update_state(coefficient)
+        return loss, y_pred, self._modulate(grads, coefficients), {}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        _, y_pred, grads, _ = self.compute_gradients(x, y, sample_weight)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return self.compute_metrics(x, y, y_pred, sample_weight)  # includes coeff_* trackers
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha, "aux_weight": self.aux_weight,
