@@ -57,31 +57,20 @@ class CrossModalFusion(keras.layers.Layer):
                                 attention_impl=attention_impl, name=f"layer_{i}_{direction}")
             for i in range(self.n_layers) for direction in directions]
 
-    def _layer_blocks(self, i):
-        """The blocks of fusion layer `i`, by direction name."""
-        count = len(self.directions)
-        return dict(zip(self.directions, self.cross_blocks[i * count:(i + 1) * count]))
-
     def call(self, text_seq, audio_seq, video_seq, text_mask=None, audio_mask=None,
              video_mask=None, training=None):
-        text, audio, video = text_seq, audio_seq, video_seq
-        for i in range(self.n_layers):
-            blocks = self._layer_blocks(i)
-            text_in = text  # audio/video attend to this layer's input text
-            with tf.name_scope("text_from_audio"):
-                text = blocks["text_from_audio"](text, audio, text_mask, audio_mask,
-                                                 training=training)
-            with tf.name_scope("text_from_video"):
-                text = blocks["text_from_video"](text, video, text_mask, video_mask,
-                                                 training=training)
-            if self.bidirectional:
-                with tf.name_scope("audio_from_text"):
-                    audio = blocks["audio_from_text"](audio, text_in, audio_mask, text_mask,
-                                                      training=training)
-                with tf.name_scope("video_from_text"):
-                    video = blocks["video_from_text"](video, text_in, video_mask, text_mask,
-                                                      training=training)
-        return text, audio, video
+        sequences = {"text": text_seq, "audio": audio_seq, "video": video_seq}
+        masks = {"text": text_mask, "audio": audio_mask, "video": video_mask}
+        blocks = iter(self.cross_blocks)
+        for _ in range(self.n_layers):
+            layer_input = dict(sequences)  # audio/video attend to this layer's input text
+            for direction in self.directions:  # text <- audio, text <- video, then the reverse
+                target, source = direction.split("_from_")
+                context = sequences[source] if target == "text" else layer_input[source]
+                with tf.name_scope(direction):
+                    sequences[target] = next(blocks)(sequences[target], context, masks[target],
+                                                     masks[source], training=training)
+        return sequences["text"], sequences["audio"], sequences["video"]
 
     def get_config(self):
         return {**super().get_config(), "model_dim": self.model_dim, "num_heads": self.num_heads,
