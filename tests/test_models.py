@@ -198,3 +198,15 @@ def test_token_text_input_embeds_ids():
     assert out.shape == (4, 1)
     with pytest.raises(ValueError, match="needs vocab_size"):
         MSASeqLevelModel(**SMALL, text_input="tokens")
+
+
+def test_balanced_logs_coefficients_in_training_only_and_takes_partial_batches():
+    inputs = padded_inputs(batch=6)
+    data = tf.data.Dataset.from_tensor_slices((inputs, learnable_targets(inputs))).batch(4)
+    model = small_model("balanced")  # gaussian_enhancement on; the last batch has 2 clips
+    model.compile(optimizer="adam", loss="mae")
+    history = model.fit(data, validation_data=data, epochs=1, verbose=0).history
+    assert {"coeff_text", "coeff_audio", "coeff_video"} <= set(history)
+    assert all(0.0 < history[f"coeff_{m}"][0] <= 1.0 for m in ("text", "audio", "video"))
+    assert not any(key.startswith("val_coeff") for key in history)
+    assert set(model.evaluate(data, return_dict=True, verbose=0)) == {"loss"}

@@ -88,7 +88,8 @@ class BalancedMSAModel(PooledFusionModel):
         if self.gaussian_enhancement:
             # One stateless draw for all encoder gradients (one RNG op keeps the XLA program
             # small); seeded by the step, so a resumed run draws the same noise.
-            sizes = [grads[i].shape.num_elements() for i in targets]
+            variables = self.trainable_variables  # static shapes, even when a grad has none
+            sizes = [variables[i].shape.num_elements() for i in targets]
             seed = tf.stack([tf.constant(self.noise_seed, tf.int64),
                              tf.cast(self.optimizer.iterations, tf.int64)])
             noises = tf.split(tf.random.stateless_normal([sum(sizes)], seed), sizes)
@@ -97,7 +98,7 @@ class BalancedMSAModel(PooledFusionModel):
             coeff = tf.cast(coefficients[owners[i]], grad.dtype)
             new_grad = grad * coeff
             if self.gaussian_enhancement:
-                noise = tf.reshape(tf.cast(noises[j], grad.dtype), tf.shape(grad))
+                noise = tf.reshape(tf.cast(noises[j], grad.dtype), variables[i].shape)
                 # Only the slowed-down (dominant) modality gets the enhancement noise.
                 new_grad += tf.cast(coeff < 1.0, grad.dtype) * noise * tf.math.reduce_std(grad)
             modulated[i] = new_grad
@@ -132,7 +133,16 @@ class BalancedMSAModel(PooledFusionModel):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         _, y_pred, grads, _ = self.compute_gradients(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-        return self.compute_metrics(x, y, y_pred, sample_weight)  # includes coeff_* trackers
+        logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        logs.update({tracker.name: tracker.result() for tracker in self.coefficient_trackers})
+        return logs
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        # The coefficients describe training steps only: train_step adds them; evaluation,
+        # which never updates them, must not report them (as zeros).
+        logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        names = {tracker.name for tracker in self.coefficient_trackers}
+        return {name: value for name, value in logs.items() if name not in names}
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha, "aux_weight": self.aux_weight,
