@@ -7,11 +7,18 @@ Layout of one seed's run folder:
                                          step counter, dropout RNG states), trainer-<step>.json
                                          (epoch, callback states), identity.json
     <workdir>/seed_<s>/best/             weights of the best validation epoch so far
+    <workdir>/.worker-<i>/seed_<s>/      the same, written by non-chief worker i (multi-worker)
 
 Resume = rerun the same command: the latest checkpoint is restored, the input stream skips the
 batches already consumed (train_input.py), Keras resumes mid-epoch at the right step, and the
 callbacks get their patience counters back, so the run finishes the same total number of steps.
 With --deterministic the final weights equal an uninterrupted run's (tests/test_train.py).
+
+Multi-worker: the workdir must be a folder every worker sees. Each non-chief worker keeps its
+own copy of the run state (TF saves on every worker in lockstep), but when a seed starts it
+replaces that copy with the chief's (`sync_from_chief`): after a crash every worker resumes from
+the one shared checkpoint, whichever worker died, and a copy the dead worker left half-written
+is never read.
 
 SIGTERM (preemption): the checkpoint callback saves at the end of the current step and stops;
 the trainer then exits with PREEMPTED_EXIT_CODE (143 = 128 + SIGTERM, what schedulers expect).
@@ -24,6 +31,7 @@ import fcntl
 import glob
 import json
 import os
+import shutil
 import signal
 
 import tensorflow as tf
@@ -71,6 +79,27 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def sync_from_chief(chief_seed_dir: str, own_seed_dir: str) -> None:
+    """Makes a non-chief worker's run state a copy of the chief's (see the module docstring).
+
+    Called before the seed's model is built. Race-free: the chief writes checkpoints, best
+    weights and result.json only after training steps or an evaluation, and those need this
+    worker's collectives first.
+    """
+    for name in ("checkpoints", "best", "result.json"):
+        own = os.path.join(own_seed_dir, name)
+        if os.path.isdir(own):
+            shutil.rmtree(own)
+        elif os.path.exists(own):
+            os.remove(own)
+        shared = os.path.join(chief_seed_dir, name)
+        if os.path.isdir(shared):
+            shutil.copytree(shared, own)
+        elif os.path.isfile(shared):
+            os.makedirs(own_seed_dir, exist_ok=True)
+            shutil.copy2(shared, own)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import os
 import tf_keras as keras
 
 from msa_xla.callbacks import build_callbacks
-from msa_xla.checkpointing import RunCheckpoint, _write_json
+from msa_xla.checkpointing import RunCheckpoint, _write_json, sync_from_chief
 from msa_xla.metrics import MSAMetrics
 from msa_xla.models import MODELS
 from msa_xla.train_input import eval_data, train_data
@@ -53,6 +53,8 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     """Trains one seed; returns its result dict, or None when preempted (checkpoint saved)."""
     log = log or (lambda message: None)
     seed_dir = os.path.join(own_dir, f"seed_{seed}")
+    if not chief:  # every worker resumes from the chief's state (checkpointing.py)
+        sync_from_chief(os.path.join(cfg.workdir, f"seed_{seed}"), seed_dir)
     result_path = os.path.join(seed_dir, "result.json")
     if os.path.isfile(result_path):
         log(f"seed {seed}: already finished ({result_path})")

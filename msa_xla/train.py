@@ -5,8 +5,9 @@ results. The pieces live in named modules: config.py (the run config), train_inp
 train_step.py (what XLA compiles), checkpointing.py, callbacks.py, results.py.
 
 Exit codes: 0 done; 2 bad flags / missing data / no TPU / batch not divisible / locked or
-mismatched workdir (one `error: ...` line on stderr); 3 loss became NaN; 143 preempted by SIGTERM
-after saving a checkpoint (rerun the same command to resume).
+mismatched workdir (one `error: ...` line on stderr); 3 loss became NaN; 4 another worker of a
+multi-worker run died (rerun every worker to resume); 143 preempted by SIGTERM after saving a
+checkpoint (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -208,6 +209,7 @@ def main(argv) -> int:
         return 2
     from msa_xla.callbacks import TrainingDiverged
     from msa_xla.data import DataError
+    from msa_xla.distribute import LOST_WORKER_EXIT_CODE, lost_worker_message
 
     try:
         cfg = TrainConfig.from_flags(FLAGS)
@@ -223,6 +225,12 @@ def main(argv) -> int:
         # StrategyError, PrecisionError, CheckpointError and the models' validation errors are
         # ValueErrors: a wrong setting, reported as one line.
         return report_error(error)
+    except Exception as error:  # a collective aborted because another worker died
+        message = lost_worker_message(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return LOST_WORKER_EXIT_CODE
 
 
 def entry_point():

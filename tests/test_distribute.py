@@ -16,6 +16,7 @@ from msa_xla.distribute import (
     device_platform,
     get_strategy,
     is_chief,
+    lost_worker_message,
     worker_index,
     xla_can_compile_collectives,
 )
@@ -210,3 +211,25 @@ def test_is_chief_and_worker_index_from_tf_config(monkeypatch, tf_config, chief,
 
 def test_strategy_names_are_documented():
     assert STRATEGIES == ("auto", "cpu", "one_device", "mirrored", "multi_worker", "tpu")
+
+
+@pytest.mark.parametrize("message, cause", [
+    # What the survivor got when the other worker was SIGKILLed (TF 2.21, 127.0.0.1).
+    ("Graph execution error:\n\nDetected at node mul_16/CollectiveReduceV2 ...\nCollective ops is "
+     "aborted by: Error reported from /job:worker/task:1: The following tasks are unhealthy "
+     "(stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe tasks have crashed.",
+     "/job:worker/replica:0/task:1 stopped sending heartbeats"),
+    ("Graph execution error:\n\nCollective ops is aborted by: recvmsg:Connection reset by peer\n"
+     "Additional GRPC error information ...", "recvmsg:Connection reset by peer"),
+])
+def test_lost_worker_message_names_the_cause(message, cause):
+    line = lost_worker_message(tf.errors.UnavailableError(None, None, message))
+    assert line.startswith(f"lost contact with another worker ({cause}); rerun every worker")
+    assert "\n" not in line
+
+
+def test_other_errors_are_not_lost_workers():
+    assert lost_worker_message(tf.errors.UnavailableError(None, None, "GCS unreachable")) is None
+    assert lost_worker_message(tf.errors.InvalidArgumentError(
+        None, None, "Collective ops is aborted by: x")) is None
+    assert lost_worker_message(ValueError("Collective ops is aborted by: x")) is None
