@@ -122,6 +122,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     from msa_xla import distribute, precision
     from msa_xla.data import ensure_builtin_dataset, load_metadata
     from msa_xla.results import hardware_info
+    from msa_xla.train_input import usable_metadata
 
     # ------------------------------------------------------------------------------------------
     # strategy (first: MultiWorkerMirroredStrategy must exist before other TF ops)
@@ -145,7 +146,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     if cfg.data_dir is None:
         cfg.data_dir = ensure_builtin_dataset()
     cfg.data_dir = os.path.abspath(cfg.data_dir)
-    meta = load_metadata(cfg.data_dir)
+    meta = usable_metadata(load_metadata(cfg.data_dir), cfg.data_dir, cfg.skip_corrupt)
     counts = {split: meta["splits"][split]["count"] for split in ("train", "valid", "test")}
     steps_per_epoch = counts["train"] // cfg.batch_size
     if steps_per_epoch < 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from msa_xla.data import make_dataset
+from msa_xla.data.integrity import scan_shards
 
 
 def _pad_to_batch(batch_size):
@@ -72,6 +73,20 @@ def _distribute(strategy, build, global_batch):
     # Replicas of one worker take consecutive elements round-robin (MultiDeviceIterator).
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return strategy.distribute_datasets_from_function(dataset_fn, options)
+
+
+def usable_metadata(meta, data_dir, skip_corrupt):
+    """metadata.json as the run will see it: with `skip_corrupt`, the split counts are the records
+    that survive (the epoch and evaluation step counts come from them, so evaluation never runs
+    out of data), and `skipped_corrupt` says how many were left out per split."""
+    if not skip_corrupt:
+        return meta
+    splits = {name: dict(info) for name, info in meta["splits"].items()}
+    skipped = {}
+    for name in splits:
+        report = scan_shards(data_dir, name)  # cached: make_dataset reuses this scan
+        splits[name]["count"], skipped[name] = report.good, report.skipped
+    return {**meta, "splits": splits, "skipped_corrupt": skipped}
 
 
 def train_data(data_dir, global_batch, strategy, *, seed, start_step=0, text_input="features",

@@ -148,16 +148,28 @@ def test_bad_flags_end_with_one_line_and_exit_code_2(tmp_path, args, words):
 
 
 def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path):
-    data = make_tiny_dataset(tmp_path / "data")
-    shard = sorted(glob.glob(os.path.join(data, "train-*.tfrecord")))[0]
-    with open(shard, "r+b") as f:  # flip a byte inside the first record's payload
-        f.seek(40)
-        byte = f.read(1)
-        f.seek(40)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    args = TINY + [f"--data_dir={data}", "--epochs=1"]
+    # 17 valid/test clips = 3 batches of 8; one bad record each leaves 16 = 2 batches, so the
+    # trainer must count the usable records (a third batch would run the input out of data).
+    data = make_tiny_dataset(tmp_path / "data", sizes=(64, 17, 17))
+    shards = [sorted(glob.glob(os.path.join(data, f"{split}-*.tfrecord")))[0]
+              for split in ("train", "valid", "test")]
+    for shard in shards:
+        with open(shard, "r+b") as f:  # flip a byte inside the first record's payload
+            f.seek(40)
+            byte = f.read(1)
+            f.seek(40)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    args = TINY + [f"--data_dir={data}", "--epochs=2"]
     code, _, err = run_train(args + [f"--workdir={tmp_path / 'strict'}"], timeout=120)
-    assert code == 2 and os.path.basename(shard) in err and "Traceback" not in err, err
-    code, _, err = run_train(args + ["--skip_corrupt", f"--workdir={tmp_path / 'skip'}"])
+    assert code == 2 and os.path.basename(shards[0]) in err and "Traceback" not in err, err
+    code, out, err = run_train(args + ["--skip_corrupt", f"--workdir={tmp_path / 'skip'}"])
     assert code == 0, err
-    assert "skipped 1 of" in err, err
+    for shard in shards:
+        assert f"{os.path.basename(shard)}: skipped 1 of 64" in err or \
+            f"{os.path.basename(shard)}: skipped 1 of 17" in err, err
+    assert "ran out of data" not in err + out
+    res = results(tmp_path / "skip")
+    assert res["data_metadata"]["skipped_corrupt"] == {"train": 1, "valid": 1, "test": 1}
+    assert {s: res["data_metadata"]["splits"][s]["count"] for s in ("train", "valid", "test")} == \
+        {"train": 63, "valid": 16, "test": 16}
+    assert len(res["per_seed"][0]["history"]["val_MAE"]) == 2  # validated after every epoch
