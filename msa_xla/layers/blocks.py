@@ -4,6 +4,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.layers.attention import MaskedMultiHeadAttention, check_heads
+from msa_xla.layers.dropout import Dropout
 
 
 def _check_rate(dropout_rate):
@@ -30,7 +31,7 @@ class _ResidualBlockBase(keras.layers.Layer):
         self.ffn_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="ffn_norm")
         self.ffn_inner = keras.layers.Dense(ff_dim, activation=activation, name="ffn_inner")
         self.ffn_outer = keras.layers.Dense(model_dim, name="ffn_outer")
-        self.dropout = keras.layers.Dropout(dropout_rate)
+        self.dropout = Dropout(dropout_rate)
 
     def _residual(self, x, sublayer, norm, training):
         """Post-norm: norm(x + f(x)); pre-norm: x + f(norm(x))."""

@@ -3,6 +3,7 @@
 import tf_keras as keras
 
 from msa_xla.layers.blocks import TransformerBlock
+from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.masks import zero_padding
 from msa_xla.layers.positional import LearnablePositionalEmbedding
 
@@ -44,7 +45,7 @@ class ModalityEncoder(keras.layers.Layer):
         self.projection = keras.layers.Dense(model_dim, name="projection")
         self.positional = (LearnablePositionalEmbedding(seq_len, model_dim, name="positional")
                            if use_positional else None)
-        self.input_dropout = keras.layers.Dropout(dropout_rate)
+        self.input_dropout = Dropout(dropout_rate)
         self.blocks = [
             TransformerBlock(model_dim, num_heads, ff_dim, dropout_rate, norm_first=norm_first,
                              attention_impl=attention_impl, name=f"block_{i}")

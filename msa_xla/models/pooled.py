@@ -8,6 +8,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.layers.blocks import TransformerBlock
+from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.encoders import ModalityEncoder
 from msa_xla.layers.fusion import AdaptiveFusionHead
 from msa_xla.layers.pooling import masked_mean
@@ -54,7 +55,7 @@ class PooledFusionModel(MSABaseModel):
         self.fusion_head = (AdaptiveFusionHead(model_dim, 3, "mean", name="fusion_head")
                             if use_adaptive_fusion else None)
         self.hidden = keras.layers.Dense(model_dim, activation="relu", name="hidden")
-        self.head_dropout = keras.layers.Dropout(dropout_rate)
+        self.head_dropout = Dropout(dropout_rate)
         self.output_layer = output_layer()
 
     def encode(self, sequences, masks, training=None):

@@ -3,6 +3,7 @@
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.encoders import ModalityEncoder
 from msa_xla.layers.fusion import AdaptiveFusionHead, CrossModalFusion
 from msa_xla.layers.pooling import validate_pooling
@@ -52,7 +53,7 @@ class MSASeqLevelModel(MSABaseModel):
                                        attention_impl=attention_impl, name="fusion")
         self.fusion_head = AdaptiveFusionHead(model_dim, len(MODALITIES), pooling_method,
                                               name="fusion_head")
-        self.head_dropout = keras.layers.Dropout(dropout_rate)
+        self.head_dropout = Dropout(dropout_rate)
         self.output_layer = output_layer()
 
     def forward(self, sequences, masks, training=None):
