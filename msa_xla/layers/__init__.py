@@ -2,6 +2,7 @@
 
 from msa_xla.layers.attention import MaskedMultiHeadAttention
 from msa_xla.layers.blocks import CrossAttentionBlock, TransformerBlock
+from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.encoders import ModalityEncoder
 from msa_xla.layers.fusion import AdaptiveFusionHead, CrossModalFusion
 from msa_xla.layers.masks import create_padding_mask
@@ -9,5 +10,5 @@ from msa_xla.layers.pooling import AttentionPooling, masked_mean
 from msa_xla.layers.positional import LearnablePositionalEmbedding
 
 __all__ = ["AdaptiveFusionHead", "AttentionPooling", "CrossAttentionBlock", "CrossModalFusion",
-           "LearnablePositionalEmbedding", "MaskedMultiHeadAttention", "ModalityEncoder",
+           "Dropout", "LearnablePositionalEmbedding", "MaskedMultiHeadAttention", "ModalityEncoder",
            "TransformerBlock", "create_padding_mask", "masked_mean"]
