@@ -62,6 +62,27 @@ def test_train_function_traced_once_over_two_epochs_with_validation(data_dir, tm
     assert seed_run["train_function_traces"] == 1
 
 
+def _xla_modules(dump_dir, name):
+    """Distinct XLA compilations whose module name contains `name`, from an XLA dump folder."""
+    return {f.split(".")[0] for f in os.listdir(dump_dir)
+            if name in f and f.endswith("after_optimizations.txt") and "__compute_module" not in f}
+
+
+def test_xla_compiles_the_train_step_once(data_dir, tmp_path):
+    # One trace is not enough: a jit-compiled attention unit nested in the jit train step once
+    # made XLA treat every argument as a constant and recompile the step on every call, with
+    # the tracing count still 1. XLA's own dump counts compilations.
+    dump = tmp_path / "xla"
+    code, _, err = run_train(
+        TINY + [f"--data_dir={data_dir}", f"--workdir={tmp_path / 'run'}", "--epochs=2",
+                "--checkpoint_every=0", "--dropout_rate=0.1"],
+        env={"XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*run_step.*"})
+    assert code == 0, err
+    # Keras names both the train and the eval step `run_step`: one compilation each, for
+    # 16 train steps, 2 validations and the test evaluation (padded batches keep shapes static).
+    assert len(_xla_modules(dump, "run_step")) == 2, sorted(_xla_modules(dump, "run_step"))
+
+
 def test_two_seeds_give_mean_and_std(data_dir, tmp_path):
     from msa_xla.train import run
 
