@@ -48,3 +48,15 @@ def test_quick_benchmark_writes_every_field(tmp_path):
     assert result["input_pipeline"]["median_examples_per_s"] > 0
     assert all("met" in t for t in result["targets"])
     assert "MSASeqLevelModel jit" in result["report"] and "Targets" in proc.stdout
+
+
+def test_encoder_batching_benchmark_runs_and_reports_both_candidates():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_encoders
+    finally:
+        sys.path.remove(os.path.join(REPO, "tools"))
+    result = bench_encoders.main(["--quick"])
+    assert set(result) == {"three_encoders", "one_encoder_3x_batch"}
+    for res in result.values():
+        assert 0 < res["best_ms"] <= res["median_ms"]
