@@ -13,8 +13,9 @@ Three plans (`plan_jit`), chosen from `--jit_compile` and the strategy:
   CPUs and for MultiWorkerMirroredStrategy (measured on TF 2.21; each replica traces the inner
   function once, with its own variable copies as captures). The models' own `train_step` is
   replaced on the instance; a model with a custom train step (BalancedMSAModel: OGM-GE gradient
-  modulation) takes part only if it offers `compute_gradients(x, y, sample_weight)`; else its
-  own step runs un-jitted.
+  modulation) takes part only if it offers `compute_gradients(x, y, sample_weight)` (and
+  `track_step_extras(extras)` for what that returns besides the gradients); else its own step
+  runs un-jitted.
 - `kernels_only`: `--jit_compile=false` (or the fallback above). The Keras step runs as a plain
   TF graph; with `--attention_impl=fused` the attention kernel is still its own XLA unit.
 """
@@ -93,7 +94,8 @@ def install_split_step(model):
         # Outside XLA: MirroredStrategy / MWMS sum the gradients over replicas here.
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        logs.update(extra)
+        if extra:  # e.g. BalancedMSAModel's coefficients: metric updates stay outside XLA too
+            logs.update(self.track_step_extras(extra))
         return logs
 
     def test_step(self, data):

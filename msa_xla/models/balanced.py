@@ -107,9 +107,9 @@ class BalancedMSAModel(PooledFusionModel):
     def compute_gradients(self, x, y, sample_weight=None):
         """Forward, loss and modulated gradients: everything of the step but the update.
 
-        Returns (loss, y_pred, grads, {}); the coefficients go to `coefficient_trackers`. The
-        trainer XLA-compiles this per replica where the update must stay outside XLA (several
-        CPU replicas).
+        Returns (loss, y_pred, grads, {"coefficients": (3,) tensor}). The trainer XLA-compiles
+        this per replica where the update must stay outside XLA (several CPU replicas), so it
+        touches no metric variable: `track_step_extras` records the coefficients afterwards.
         """
         y_true = tf.reshape(tf.cast(y, tf.float32), [-1, 1])
         optimizer = self.optimizer
@@ -125,16 +125,22 @@ class BalancedMSAModel(PooledFusionModel):
         if scales_loss:
             grads = optimizer.get_unscaled_gradients(grads)
         coefficients = modulation_coefficients(errors, self.alpha)
-        for tracker, coefficient in zip(self.coefficient_trackers, tf.unstack(coefficients)):
+        return (loss, y_pred, self._modulate(grads, coefficients),
+                {"coefficients": coefficients})
+
+    def track_step_extras(self, extras):
+        """Records a step's coefficients (from `compute_gradients`); returns their logs."""
+        for tracker, coefficient in zip(self.coefficient_trackers,
+                                        tf.unstack(extras["coefficients"])):
             tracker.update_state(coefficient)
-        return loss, y_pred, self._modulate(grads, coefficients), {}
+        return {tracker.name: tracker.result() for tracker in self.coefficient_trackers}
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        _, y_pred, grads, _ = self.compute_gradients(x, y, sample_weight)
+        _, y_pred, grads, extras = self.compute_gradients(x, y, sample_weight)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        logs.update({tracker.name: tracker.result() for tracker in self.coefficient_trackers})
+        logs.update(self.track_step_extras(extras))
         return logs
 
     def compute_metrics(self, x, y, y_pred, sample_weight):
