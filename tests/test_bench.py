@@ -60,3 +60,16 @@ def test_encoder_batching_benchmark_runs_and_reports_both_candidates():
     assert set(result) == {"three_encoders", "one_encoder_3x_batch"}
     for res in result.values():
         assert 0 < res["best_ms"] <= res["median_ms"]
+
+
+def test_mfu_is_against_the_final_peak():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(os.path.join(REPO, "tools"))
+    runs = [{"candidates": {"a": {"best_gflops": 114.1, "median_gflops": 100.0}}}]
+    bench.add_mfu(runs, {"float32": {"best_gflops": 220.4}, "bfloat16": {"best_gflops": 415.6}})
+    res = runs[0]["candidates"]["a"]
+    assert res["best_mfu_float32"] == round(114.1 / 220.4, 3)
+    assert res["median_mfu_bfloat16"] == round(100.0 / 415.6, 3)

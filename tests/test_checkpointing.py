@@ -1,7 +1,6 @@
 """Checkpoints: resume after SIGKILL matches an uninterrupted run; SIGTERM saves and exits 143;
 a locked workdir and a checkpoint from another config are refused with one line."""
 import glob
-import json
 import os
 import random
 import re
@@ -15,8 +14,8 @@ import tf_keras as keras
 from msa_xla.checkpointing import (CheckpointError, RunCheckpoint, WorkdirLock, rng_state_variables,
                                    sync_from_chief)
 from msa_xla.models import MODELS
-from tests.train_helpers import (TINY, free_port, make_tiny_dataset, model_weights, results,
-                                 run_train)
+from tests.train_helpers import (TINY, finish_all, free_port, make_tiny_dataset, model_weights,
+                                 results, run_train, start_workers)
 
 # 96 clips / batch 8 = 12 steps per epoch, 3 epochs = 36 steps; dropout on (its RNG state must be
 # restored too), checkpoints every 5 steps so the kill lands mid-epoch.
@@ -110,17 +109,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(data_dir, tmp_pat
     assert code == 0, err
 
 
-def _start_workers(args, ports):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    return [run_train(args, wait=False, env={"TF_CONFIG": json.dumps(
-        {"cluster": cluster, "task": {"type": "worker", "index": i}})}) for i in range(len(ports))]
-
-
 def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}", "--strategy=multi_worker"]
     ports = [free_port(), free_port()]
-    workers = _start_workers(args, ports)
+    workers = start_workers(args, ports)
     try:
         _wait_for(os.path.join(workdir, "seed_3", "checkpoints", "checkpoint"), workers[0])
         workers[1].send_signal(signal.SIGKILL)  # the non-chief: the chief must notice
@@ -141,13 +134,8 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     assert 0 < saved < 36, saved
 
     # The same command on both workers (same ports): they resume from the shared checkpoint.
-    workers = _start_workers(args, ports)
-    try:
-        outputs = [worker.communicate(timeout=240) for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
+    workers = start_workers(args, ports)
+    outputs = finish_all(workers)
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
     assert f"resumed from step {saved} " in outputs[0][0], outputs[0][0]

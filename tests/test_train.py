@@ -1,9 +1,7 @@
 """The trainer end to end: each model learns and writes complete results; one trace over two epochs;
 N replicas (Mirrored over 2 logical CPUs, 2 MultiWorker processes) == 1 replica; bad flags."""
 import glob
-import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,8 +9,8 @@ import tf_keras as keras
 
 from msa_xla.config import TrainConfig
 from msa_xla.metrics import METRIC_KEYS
-from tests.train_helpers import (TINY, free_port, make_tiny_dataset, model_weights, results,
-                                 run_train)
+from tests.train_helpers import (TINY, finish_all, free_port, make_tiny_dataset, model_weights,
+                                 results, run_train, start_workers)
 
 
 @pytest.fixture(scope="module")
@@ -131,20 +129,9 @@ def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_we
 
 def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
-    ports = [free_port(), free_port()]
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    processes = [
-        run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
-                           "--strategy=multi_worker"], wait=False,
-                  env={"TF_CONFIG": json.dumps({"cluster": cluster,
-                                                "task": {"type": "worker", "index": i}})})
-        for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=240) for p in processes]
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
+    processes = start_workers(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
+                                       "--strategy=multi_worker"], [free_port(), free_port()])
+    outputs = finish_all(processes)
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err
     res = results(workdir)

@@ -53,3 +53,20 @@ def model_weights(path):
 def results(workdir):
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)
+
+
+def start_workers(args, ports):
+    """`python -m msa_xla.train ARGS` once per port: a multi-worker cluster on 127.0.0.1."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    return [run_train(args, wait=False, env={"TF_CONFIG": json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": i}})}) for i in range(len(ports))]
+
+
+def finish_all(processes, timeout=240):
+    """[(stdout, stderr)] of every process; any still running at the end is killed."""
+    try:
+        return [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
