@@ -311,8 +311,6 @@ def lost_worker_message(error: BaseException) -> str | None:
       ...     "by: recvmsg:Connection reset by peer"))  # doctest: +ELLIPSIS
       'lost contact with another worker (recvmsg:Connection reset by peer); rerun every worker...'
     """
-    import tensorflow as tf
-
     if not isinstance(error, (tf.errors.UnavailableError, tf.errors.AbortedError,
                               tf.errors.DeadlineExceededError, tf.errors.CancelledError)):
         return None
@@ -320,7 +318,8 @@ def lost_worker_message(error: BaseException) -> str | None:
     aborted = _ABORTED.search(text)
     if aborted is None and "heartbeat" not in text:
         return None
-    unhealthy = sorted(set(_TASK.findall(text.split("unhealthy", 1)[1]))) if "unhealthy" in text else []
+    unhealthy = (sorted(set(_TASK.findall(text.split("unhealthy", 1)[1])))
+                 if "unhealthy" in text else [])
     cause = (f"{', '.join(unhealthy)} stopped sending heartbeats" if unhealthy
              else aborted.group(1).strip() if aborted else "missed heartbeats")
     return (f"lost contact with another worker ({cause}); rerun every worker with the same "
