@@ -114,3 +114,10 @@ def test_config_round_trip():
     layer = Dropout(0.25, name="drop")
     clone = keras.layers.deserialize(keras.layers.serialize(layer))
     assert type(clone) is Dropout and clone.rate == 0.25 and clone.name == "drop"
+
+
+def test_a_rate_that_rounds_to_dropping_everything_falls_back_to_keras():
+    layer = Dropout(0.999999)  # quantised keep probability 0: no finite scale
+    step = tf.function(lambda x: layer(x, training=True), jit_compile=True)
+    out = step(tf.ones([8, 8])).numpy()
+    assert np.all(np.isfinite(out))

@@ -96,6 +96,7 @@ class Dropout(keras.layers.Dropout):
     def call(self, inputs, training=None):
         rate_is_number = isinstance(self.rate, numbers.Real)
         if (not rate_is_number or self.rate == 0 or self.noise_shape is not None
+                or quantized_keep_probability(self.rate) <= 0  # rate ~1: drops everything
                 or not inputs.shape.is_fully_defined() or not _in_xla_context()):
             return super().call(inputs, training=training)
         if training is None:
