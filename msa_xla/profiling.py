@@ -21,9 +21,11 @@ compiles it with XLA; start the window later to see steady-state step time.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import math
 import os
+import re
 import sys
 
 PROFILES_ROOT = "profiles"
@@ -215,10 +217,12 @@ def _print_log(line: str) -> None:
 _INPUT_OP_TYPES = ("Dataset", "ParseExampleV2", "ParseExample", "IteratorGetNext",
                    "MultiDeviceIteratorFromStringHandle", "TFRecordDataset", "FlatMapDataset",
                    "TensorSliceDataset")
+XLA_TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 _XLA_NOTE = ("the model's ops are (almost) missing above: the train step ran as XLA "
-             "computations, whose ops framework_op_stats does not list on CPU; for a per-op "
-             "breakdown profile with --jit_compile=false --attention_impl=reference (the step "
-             "time then differs)")
+             "computations, whose ops framework_op_stats does not list on CPU; for XLA's own "
+             f"breakdown rerun with XLA_FLAGS={XLA_TRACEME_FLAG} (see the XLA thunks table), or "
+             "profile with --jit_compile=false --attention_impl=reference (the step time then "
+             "differs)")
 
 
 def find_xplanes(folder: str) -> list[str]:
@@ -373,6 +377,79 @@ def _is_input_op(op: dict) -> bool:
     return op["type"] in _INPUT_OP_TYPES or op["name"].startswith("Iterator::")
 
 
+# ---- XLA thunks on CPU ----------------------------------------------------------------------------
+# XLA's CPU runtime records every thunk it runs (one per dot, fusion, copy...) as a trace event on
+# the Eigen threads: `dot.4`, `add_multiply_fusion.2` (TF 2.21 does by default; elsewhere
+# XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true asks for them). framework_op_stats ignores these
+# events, so they are read from the raw XSpace here.
+_THUNK_BOOKKEEPING = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await")
+_MATMUL_PREFIXES = ("dot", "MatMul", "BatchMatMul", "Einsum", "convolution")
+
+
+def _xplane_pb2():
+    """TF's XSpace proto module, loaded from its file: importing tensorflow would take ~5 s."""
+    package = importlib.util.find_spec("tensorflow")  # locates the package, does not import it
+    path = os.path.join(package.submodule_search_locations[0], "tsl", "profiler", "protobuf",
+                        "xplane_pb2.py")
+    spec = importlib.util.spec_from_file_location("msa_xla_xplane_pb2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _thunk_kind(name: str) -> str:
+    """`dot.13` -> 'dot (matmul)'; `add_multiply_fusion.2` -> 'add_multiply_fusion'."""
+    base = re.sub(r"\.\d+$", "", name)
+    return "dot (matmul)" if base.startswith(_MATMUL_PREFIXES) else base
+
+
+def xla_thunk_kinds(xplane_paths: list[str], steps: int, top: int = 10) -> dict | None:
+    """Self time of XLA's CPU thunks by kind, or None when the capture has no thunk events.
+
+    Returns:
+      {"total_ms_per_step", "kinds": [{"kind", "ms_per_step", "share_percent", "per_step"}]}:
+      thread time summed over the Eigen worker threads (they run thunks side by side), per
+      profiled step, the `top` kinds by self time.
+    """
+    pb2 = _xplane_pb2()
+    self_ps, counts = {}, {}
+    for path in xplane_paths:
+        space = pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+        for plane in space.planes:
+            names = {key: meta.name for key, meta in plane.event_metadata.items()}
+            for line in plane.lines:
+                if "Eigen" not in line.name:
+                    continue
+                # Self time: an event's duration minus the events nested in it (same thread).
+                events = sorted(line.events, key=lambda e: (e.offset_ps, -e.duration_ps))
+                open_events = []  # [end_ps, name, self_ps], outermost first
+                for event in events + [None]:
+                    start = math.inf if event is None else event.offset_ps
+                    while open_events and open_events[-1][0] <= start:
+                        _, name, own = open_events.pop()
+                        if name not in _THUNK_BOOKKEEPING and not name.startswith("end: "):
+                            kind = _thunk_kind(name)
+                            self_ps[kind] = self_ps.get(kind, 0) + own
+                            counts[kind] = counts.get(kind, 0) + 1
+                    if event is None:
+                        break
+                    if open_events:
+                        open_events[-1][2] -= event.duration_ps
+                    open_events.append([event.offset_ps + event.duration_ps,
+                                        names.get(event.metadata_id, ""), event.duration_ps])
+    if not any(kind.endswith("fusion") or kind == "dot (matmul)" for kind in self_ps):
+        return None  # no XLA thunk events (no XLA computation, or not recorded)
+    total = sum(self_ps.values())
+    steps = max(int(steps or 1), 1)
+    kinds = sorted(self_ps, key=self_ps.get, reverse=True)[:top]
+    return {"total_ms_per_step": round(total / 1e9 / steps, 3),
+            "kinds": [{"kind": kind, "ms_per_step": round(self_ps[kind] / 1e9 / steps, 3),
+                       "share_percent": round(100 * self_ps[kind] / total, 1),
+                       "per_step": round(counts[kind] / steps, 1)} for kind in kinds]}
+
+
 def profile_report(folder: str, top: int = 10, quiet: bool = False) -> dict:
     """Reads the newest capture under `folder` and returns the report as plain data.
 
@@ -388,7 +465,9 @@ def profile_report(folder: str, top: int = 10, quiet: bool = False) -> dict:
     model_op_ms = sum(op["self_time_ms"] for op in top_ops(op_stats, top=10 ** 6)
                       if not _is_input_op(op))
     step_ms = report["step_time_ms"]["mean"] * report["steps"]
-    report["notes"] = [_XLA_NOTE] if step_ms and model_op_ms < 0.1 * step_ms else []
+    report["xla_thunks"] = xla_thunk_kinds(paths, report["steps"], top)
+    xla_hidden = step_ms and model_op_ms < 0.1 * step_ms
+    report["notes"] = [_XLA_NOTE] if xla_hidden and report["xla_thunks"] is None else []
     return report
 
 
@@ -413,6 +492,14 @@ def format_report(report: dict) -> str:
     for op in report["top_ops"]:
         lines.append(f"{op['where']:6} {op['self_time_ms']:9.3f} {op['share_percent']:5.1f}% "
                      f"{op['occurrences']:5d}  {op['type'][:18]:18} {op['name']}")
+    thunks = report.get("xla_thunks")
+    if thunks:
+        lines += ["", f"XLA thunks on CPU: {thunks['total_ms_per_step']:.2f} ms of thread time a "
+                  "step (summed over the worker threads), top kinds by self time",
+                  f"{'ms/step':>9} {'share':>6} {'#/step':>7}  kind"]
+        for kind in thunks["kinds"]:
+            lines.append(f"{kind['ms_per_step']:9.3f} {kind['share_percent']:5.1f}% "
+                         f"{kind['per_step']:7.1f}  {kind['kind']}")
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ time, input-wait share and the model's attention ops; a folder without a profile
 
 The run uses --jit_compile=false --attention_impl=reference: on CPU, framework_op_stats lists no
 ops from inside an XLA computation, so with the whole step (or the fused attention kernel) under
-XLA the attention ops could not be found in the report at all (the report then says so).
+XLA the attention ops could not be found in its table. For XLA runs the report reads XLA's own
+thunk events instead (a second run, jit on).
 """
 import json
 import os
@@ -21,20 +22,36 @@ REPORT_CLI = os.path.join(ROOT, "tools", "profile_report.py")
 RUN_NAME = "prof-run"
 
 
-@pytest.fixture(scope="module")
-def profiled_run(tmp_path_factory):
+def _profiled_run(cwd, *flags):
     """One tiny training run (1 epoch of 8 steps) profiling steps 2..4; cwd is a temp folder so
     the default profiles/<run name>/ lands there. Returns (cwd, profile folder)."""
-    cwd = tmp_path_factory.mktemp("profiling")
     data_dir = make_tiny_dataset(cwd / "data")
     command = [sys.executable, "-m", "msa_xla.train", *TINY, f"--data_dir={data_dir}",
                f"--workdir={cwd / 'runs' / RUN_NAME}", "--epochs=1", "--profile_steps=2,4",
-               "--jit_compile=false", "--attention_impl=reference", "--checkpoint_every=0"]
+               "--checkpoint_every=0", *flags]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "profiled train steps 2..4" in done.stdout, done.stdout[-2000:]
     return cwd, cwd / "profiles" / RUN_NAME
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory):
+    return _profiled_run(tmp_path_factory.mktemp("profiling"), "--jit_compile=false",
+                         "--attention_impl=reference")
+
+
+def test_xla_run_reports_xla_thunks(tmp_path):
+    _, folder = _profiled_run(tmp_path, "--jit_compile=true")
+    report = profiling.profile_report(str(folder), quiet=True)
+    thunks = report["xla_thunks"]
+    assert thunks is not None and thunks["total_ms_per_step"] > 0
+    kinds = {k["kind"]: k for k in thunks["kinds"]}
+    assert kinds["dot (matmul)"]["share_percent"] > 0
+    assert 0 < sum(k["share_percent"] for k in thunks["kinds"]) <= 100.05
+    assert "XLA thunks on CPU" in profiling.format_report(report)
+    assert report["notes"] == []  # the XLA table replaces the "ops are missing" note
 
 
 def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
@@ -52,6 +69,7 @@ def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
     assert 0 < step["min"] <= step["mean"] <= step["max"] and step["std"] >= 0
     assert 0 <= report["input_wait_percent"] <= 100
     assert report["compile_time_ms"] >= 0 and report["notes"] == []
+    assert report["xla_thunks"] is None  # no XLA in this run
     names = [op["name"] for op in report["top_ops"]]
     assert any("/attention/" in name for name in names), names
     assert all(0 <= op["share_percent"] <= 100 and op["self_time_ms"] >= 0
