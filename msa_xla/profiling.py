@@ -20,6 +20,7 @@ compiles it with XLA; start the window later to see steady-state step time.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
@@ -386,6 +387,7 @@ _THUNK_BOOKKEEPING = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await")
 _MATMUL_PREFIXES = ("dot", "MatMul", "BatchMatMul", "Einsum", "convolution")
 
 
+@functools.lru_cache(maxsize=None)  # load once: its descriptors register in protobuf's pool
 def _xplane_pb2():
     """TF's XSpace proto module, loaded from its file: importing tensorflow would take ~5 s."""
     package = importlib.util.find_spec("tensorflow")  # locates the package, does not import it
