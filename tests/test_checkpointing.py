@@ -129,7 +129,8 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     assert workers[0].returncode == 4, err
     assert len(errors) == 1 and "lost contact with another worker" in errors[0], err
     assert "Traceback" not in err
-    assert noticed_after < 60, noticed_after  # heartbeats: measured ~2-16 s here
+    print(f"the survivor stopped {noticed_after:.1f} s after the kill")  # shown with -s
+    assert noticed_after < 60, noticed_after  # TF's heartbeats
     saved = _latest_step(workdir)
     assert 0 < saved < 36, saved
 
