@@ -1,6 +1,7 @@
 """Profiling end to end: a short CPU training run with --profile_steps leaves a profile under
-profiles/<run name>/, and the report on it (msa_xla.profiling, tools/profile_report.py) gives step
-time, input-wait share and the model's attention ops; a folder without a profile exits 2.
+profiles/<run name>/, and the report on it (msa_xla.profile_report, tools/profile_report.py)
+gives step time, input-wait share and the model's attention ops; a folder without a profile
+exits 2.
 
 The run uses --jit_compile=false --attention_impl=reference: on CPU, framework_op_stats lists no
 ops from inside an XLA computation, so with the whole step (or the fused attention kernel) under
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-from msa_xla import profiling
+from msa_xla import profile_report, profiling
 from tests.train_helpers import TINY, make_tiny_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,25 +45,25 @@ def profiled_run(tmp_path_factory):
 
 def test_xla_run_reports_xla_thunks(tmp_path):
     _, folder = _profiled_run(tmp_path, "--jit_compile=true")
-    report = profiling.profile_report(str(folder), quiet=True)
+    report = profile_report.profile_report(str(folder), quiet=True)
     thunks = report["xla_thunks"]
     assert thunks is not None and thunks["total_ms_per_step"] > 0
     kinds = {k["kind"]: k for k in thunks["kinds"]}
     assert kinds["dot (matmul)"]["share_percent"] > 0
     assert 0 < sum(k["share_percent"] for k in thunks["kinds"]) <= 100.05
-    assert "XLA thunks on CPU" in profiling.format_report(report)
+    assert "XLA thunks on CPU" in profile_report.format_report(report)
     assert report["notes"] == []  # the XLA table replaces the "ops are missing" note
 
 
 def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
     _, folder = profiled_run
-    paths = profiling.find_xplanes(str(folder))
+    paths = profile_report.find_xplanes(str(folder))
     assert len(paths) == 1 and paths[0].endswith(".xplane.pb") and os.path.getsize(paths[0]) > 0
 
 
 def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
     _, folder = profiled_run
-    report = profiling.profile_report(str(folder), top=10)
+    report = profile_report.profile_report(str(folder), top=10)
     # Exactly the window: steps 2..4 of epoch 0 (fit's own step markers), no validation steps.
     assert report["step_names"] == ["train 2", "train 3", "train 4"]
     step = report["step_time_ms"]
@@ -76,7 +77,8 @@ def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
                for op in report["top_ops"])
     # The named scopes make each part attributable: the attention core inside an encoder
     # layer's attention, and each fusion direction.
-    every = [op["name"] for op in profiling.profile_report(str(folder), top=10 ** 6)["top_ops"]]
+    every = [op["name"]
+             for op in profile_report.profile_report(str(folder), top=10 ** 6)["top_ops"]]
     assert any("text_encoder/block_0/attention/attention/" in name for name in every)
     assert any("fusion/text_from_audio/" in name for name in every)
     assert any("fusion/text_from_video/" in name for name in every)
