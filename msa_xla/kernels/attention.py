@@ -117,7 +117,7 @@ _fused_xla = tf.function(_attention_math, jit_compile=True, autograph=False,
                          reduce_retracing=False)
 
 
-def _in_xla_context():
+def in_xla_context():
     """True while tracing inside a jit-compiled function (e.g. `compile(jit_compile=True)`)."""
     if GraphOrParentsInXlaContext is None or tf.executing_eagerly():
         return False
@@ -129,7 +129,7 @@ def _fused(q, k, v, q_mask, kv_mask):
     # and a nested jit_compile function there made XLA treat every argument of the train step
     # (the batch and all weights) as a compile-time constant, so the step recompiled on every
     # call (~10 s a step on CPU; see tools/bench.py's retrace and DeviceCompiler logs).
-    if _in_xla_context():
+    if in_xla_context():
         return _attention_math(q, k, v, q_mask, kv_mask)
     return _fused_xla(q, k, v, q_mask, kv_mask)
 

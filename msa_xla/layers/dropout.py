@@ -8,9 +8,9 @@ Inside a jit-compiled function this layer instead hashes a counter: each 32-bit 
 the element counter pushed through two keyed rounds of the `lowbias32` integer hash
 (xor-shift-multiply; C. Wellons, "Hash function prospector"), keyed by two words drawn once
 per call from the layer's random generator, and gives two keep/drop decisions from its two
-16-bit halves (element i and element i + size/2). That is ~7 vectorisable integer ops per element instead of a Philox round
-trip. Outside XLA it is exactly `keras.layers.Dropout` (TF's CPU/GPU random kernels are
-fast there).
+16-bit halves (element i and element i + size/2). That is ~7 vectorisable integer ops per
+element instead of a Philox round trip. Outside XLA it is exactly `keras.layers.Dropout`
+(TF's CPU/GPU random kernels are fast there).
 
 The keep probability is quantised to 1/65536 (rate 0.1 drops with probability
 6554/65536 = 0.100006) and kept values are scaled by the exact inverse of the quantised keep
@@ -24,7 +24,7 @@ import numbers
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.kernels.attention import _in_xla_context
+from msa_xla.kernels.attention import in_xla_context
 
 _LEVELS = 1 << 16  # decisions are 16-bit: two per 32-bit hash word
 _M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
@@ -97,7 +97,7 @@ class Dropout(keras.layers.Dropout):
         rate_is_number = isinstance(self.rate, numbers.Real)
         if (not rate_is_number or self.rate == 0 or self.noise_shape is not None
                 or quantized_keep_probability(self.rate) <= 0  # rate ~1: drops everything
-                or not inputs.shape.is_fully_defined() or not _in_xla_context()):
+                or not inputs.shape.is_fully_defined() or not in_xla_context()):
             return super().call(inputs, training=training)
         if training is None:
             training = keras.backend.learning_phase()
