@@ -1,5 +1,6 @@
-"""Attention kernels: the masked attention core shared by every layer."""
+"""Kernels: the masked attention core and the affine map shared by every layer."""
 
 from msa_xla.kernels.attention import ATTENTION_IMPLS, masked_attention, validate_impl
+from msa_xla.kernels.linear import linear
 
-__all__ = ["ATTENTION_IMPLS", "masked_attention", "validate_impl"]
+__all__ = ["ATTENTION_IMPLS", "linear", "masked_attention", "validate_impl"]

@@ -2,6 +2,7 @@
 
 from msa_xla.layers.attention import MaskedMultiHeadAttention
 from msa_xla.layers.blocks import CrossAttentionBlock, TransformerBlock
+from msa_xla.layers.dense import Dense
 from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.encoders import ModalityEncoder
 from msa_xla.layers.fusion import AdaptiveFusionHead, CrossModalFusion
@@ -10,5 +11,5 @@ from msa_xla.layers.pooling import AttentionPooling, masked_mean
 from msa_xla.layers.positional import LearnablePositionalEmbedding
 
 __all__ = ["AdaptiveFusionHead", "AttentionPooling", "CrossAttentionBlock", "CrossModalFusion",
-           "Dropout", "LearnablePositionalEmbedding", "MaskedMultiHeadAttention", "ModalityEncoder",
+           "Dense", "Dropout", "LearnablePositionalEmbedding", "MaskedMultiHeadAttention", "ModalityEncoder",
            "TransformerBlock", "create_padding_mask", "masked_mean"]

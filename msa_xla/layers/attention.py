@@ -4,6 +4,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.kernels import masked_attention, validate_impl
+from msa_xla.kernels.linear import linear
 
 
 def check_heads(model_dim, num_heads):
@@ -61,20 +62,20 @@ class MaskedMultiHeadAttention(keras.layers.Layer):
         kernel = tf.cast(self.qkv_kernel, self.compute_dtype)
         bias = tf.cast(self.qkv_bias, self.compute_dtype)
         if context is None:  # self-attention: one fused QKV matmul
-            qkv = tf.einsum("btd,de->bte", query, kernel) + bias  # (B, T, 3D)
+            qkv = linear(query, kernel, bias)  # (B, T, 3D)
             q, k, v = self._split_heads(qkv, 3)
             context_mask = mask
         else:
-            q = tf.einsum("btd,de->bte", query, kernel[:, :d]) + bias[:d]  # (B, Tq, D)
+            q = linear(query, kernel[:, :d], bias[:d])  # (B, Tq, D)
             (q,) = self._split_heads(q, 1)
-            kv = tf.einsum("btd,de->bte", context, kernel[:, d:]) + bias[d:]  # (B, Tk, 2D)
+            kv = linear(context, kernel[:, d:], bias[d:])  # (B, Tk, 2D)
             k, v = self._split_heads(kv, 2)
         with tf.name_scope("attention"):
             out = masked_attention(q, k, v, mask, context_mask, impl=self.attention_impl)
         shape = tf.shape(out)
         out = tf.reshape(out, [shape[0], shape[1], d])  # (B, Tq, D)
-        return (tf.einsum("btd,de->bte", out, tf.cast(self.output_kernel, self.compute_dtype))
-                + tf.cast(self.output_bias, self.compute_dtype))
+        return linear(out, tf.cast(self.output_kernel, self.compute_dtype),
+                      tf.cast(self.output_bias, self.compute_dtype))
 
     def get_config(self):
         return {**super().get_config(), "model_dim": self.model_dim,

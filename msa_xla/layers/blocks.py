@@ -4,6 +4,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.layers.attention import MaskedMultiHeadAttention, check_heads
+from msa_xla.layers.dense import Dense
 from msa_xla.layers.dropout import Dropout
 
 
@@ -29,8 +30,8 @@ class _ResidualBlockBase(keras.layers.Layer):
         self.attention_impl = self.attention.attention_impl
         self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="attention_norm")
         self.ffn_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="ffn_norm")
-        self.ffn_inner = keras.layers.Dense(ff_dim, activation=activation, name="ffn_inner")
-        self.ffn_outer = keras.layers.Dense(model_dim, name="ffn_outer")
+        self.ffn_inner = Dense(ff_dim, activation=activation, name="ffn_inner")
+        self.ffn_outer = Dense(model_dim, name="ffn_outer")
         self.dropout = Dropout(dropout_rate)
 
     def _residual(self, x, sublayer, norm, training):

@@ -3,6 +3,7 @@
 import tf_keras as keras
 
 from msa_xla.layers.blocks import TransformerBlock
+from msa_xla.layers.dense import Dense
 from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.masks import zero_padding
 from msa_xla.layers.positional import LearnablePositionalEmbedding
@@ -42,7 +43,7 @@ class ModalityEncoder(keras.layers.Layer):
         self.dropout_rate = float(dropout_rate)
         self.use_positional, self.norm_first = bool(use_positional), bool(norm_first)
         self.attention_impl = attention_impl
-        self.projection = keras.layers.Dense(model_dim, name="projection")
+        self.projection = Dense(model_dim, name="projection")
         self.positional = (LearnablePositionalEmbedding(seq_len, model_dim, name="positional")
                            if use_positional else None)
         self.input_dropout = Dropout(dropout_rate)
