@@ -18,7 +18,8 @@ Sections (all in one process except the attention memory probes):
    after warm-up and at the end shows whether any step recompiled.
 3. Attention core forward + backward, `reference`, `fused`, `chunked` and the core of
    `tf_keras.layers.MultiHeadAttention` at several T: time, and the peak resident memory of a
-   subprocess per candidate minus that of a subprocess that only imports TF and builds inputs.
+   subprocess per candidate minus that of a subprocess that only imports TF and builds inputs
+   (tools/bench_attention.py, which also runs on its own).
 4. Input pipeline examples/s (tools/bench_input.py on the built-in dataset) beside samples/s.
 
 Then a table, the targets of the performance issue (met or not, by how much), and `--json OUT`.
@@ -27,16 +28,16 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TOOLS_DIR)
-sys.path[:0] = [TOOLS_DIR, REPO_DIR]  # run from a checkout; baseline_model and bench_input
+sys.path[:0] = [TOOLS_DIR, REPO_DIR]  # run from a checkout; the other bench_* tools
+
+from bench_attention import bench_attention  # noqa: E402  (after sys.path)
 
 # The spec's training config (issue: B=32, T=50, 300/74/47, 4 heads, 2 encoder + 1 fusion layers).
 SPEC = dict(batch_size=32, seq_len=50, text_dim=300, audio_dim=74, video_dim=47, num_heads=4,
@@ -50,7 +51,6 @@ TARGET_VS_BASELINE = {128: 1.5, 256: 1.3}
 TARGET_JIT_VS_NOJIT = 0.95
 TARGET_CHUNKED_MEMORY, TARGET_CHUNKED_TIME = 0.5, 1.5
 CANDIDATES = ("msa_xla_jit", "msa_xla_nojit", "keras_baseline")
-ATTENTION_IMPLS = ("reference", "fused", "chunked", "keras_mha")
 
 
 # ---- host and peak -------------------------------------------------------------------------------
@@ -264,136 +264,6 @@ def bench_training(cfg, sizes, rounds, steps, warmup_steps):
     return runs
 
 
-# ---- attention core ------------------------------------------------------------------------------
-def attention_worker(impl, seq_len, batch, heads, head_dim, iters, jit):
-    """Runs in its own process: times forward + backward of one attention core; prints JSON.
-
-    impl 'none' only imports TF and builds the inputs (the memory baseline).
-    """
-    import tensorflow as tf
-
-    shape = (batch, seq_len, heads, head_dim)  # (B, T, H, Dh)
-    q, k, v = (tf.random.stateless_normal(shape, seed=(i, 0)) for i in range(3))
-    lengths = seq_len - tf.range(batch) * (seq_len // (4 * batch))  # some padding per row
-    mask = tf.sequence_mask(lengths, seq_len)  # (B, T)
-    rss_inputs = _current_rss_mb()
-    result = {"impl": impl, "seq_len": seq_len, "batch": batch, "heads": heads,
-              "head_dim": head_dim, "jit": jit}
-    if impl != "none":
-        if impl == "keras_mha":
-            import tf_keras as keras
-
-            layer = keras.layers.MultiHeadAttention(heads, head_dim)
-            flat = tf.zeros((1, 2, heads * head_dim))
-            layer(flat, flat)  # builds the einsum equations, softmax and dropout
-            pair = tf.logical_and(mask[:, :, None], mask[:, None, :])  # (B, Tq, Tk)
-
-            def core(q, k, v):  # the layer's attention after projections: (B, T, H, Dh)
-                return layer._compute_attention(q, k, v, attention_mask=pair)[0]
-        else:
-            from msa_xla.kernels import masked_attention
-
-            def core(q, k, v):
-                return masked_attention(q, k, v, mask, mask, impl=impl)
-
-        @tf.function(jit_compile=jit)
-        def step(q, k, v):
-            with tf.GradientTape() as tape:
-                tape.watch([q, k, v])
-                out = core(q, k, v)
-                loss = tf.reduce_sum(out * v)
-            grads = tape.gradient(loss, [q, k, v])
-            return loss + sum(tf.reduce_sum(g) for g in grads)
-
-        step(q, k, v).numpy()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            step(q, k, v).numpy()
-            times.append(time.perf_counter() - start)
-        result["best_ms"] = round(1e3 * min(times), 3)
-        result["median_ms"] = round(1e3 * statistics.median(times), 3)
-    result["rss_inputs_mb"] = round(rss_inputs, 1)
-    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    print("BENCH_JSON " + json.dumps(result))
-
-
-def _peak_rss_mb():
-    """This process's peak resident memory (MiB).
-
-    VmHWM from /proc, not `getrusage(RUSAGE_SELF).ru_maxrss`: on Linux ru_maxrss survives
-    fork + exec, so a child of a large parent (this benchmark holds six models) reports the
-    parent's peak. VmHWM belongs to the new address space. ru_maxrss is the fallback.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb():
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-    except OSError:
-        return float("nan")
-
-
-def _worker_command(impl, seq_len, spec, jit):
-    iters = spec["iters_long"] if seq_len >= 1024 else spec["iters"]
-    return [sys.executable, os.path.abspath(__file__), "--attention_worker",
-            f"{impl},{seq_len},{spec['batch']},{spec['heads']},{spec['head_dim']},{iters},"
-            f"{int(jit)}"]
-
-
-def _worker_result(impl, seq_len, returncode, stdout, stderr):
-    for line in stdout.splitlines():
-        if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])
-    return {"impl": impl, "seq_len": seq_len, "returncode": returncode,
-            "error": (stderr or stdout)[-2000:]}
-
-
-def bench_attention(spec, seq_lens, jit, one_process=False):
-    """One subprocess per (impl, T), plus one memory baseline ('none') per T, one at a time.
-
-    `one_process` (quick mode) runs every impl of a T in a single subprocess: it only checks
-    that everything runs (the peak memory is then cumulative).
-    """
-    jobs = [(impl, t) for t in seq_lens for impl in ("none",) + ATTENTION_IMPLS]
-    if one_process:  # quick mode: every (impl, T) in one process, one after the other
-        impls = "+".join(("none",) + ATTENTION_IMPLS)
-        results = []
-        for t in seq_lens:
-            proc = subprocess.run(_worker_command(impls, t, spec, jit), capture_output=True,
-                                  text=True, timeout=600)
-            found = [json.loads(line[len("BENCH_JSON "):]) for line in proc.stdout.splitlines()
-                     if line.startswith("BENCH_JSON ")]
-            results += found or [_worker_result("+", t, proc.returncode, proc.stdout,
-                                                proc.stderr)]
-    else:
-        results = []
-        for impl, t in jobs:
-            proc = subprocess.run(_worker_command(impl, t, spec, jit), capture_output=True,
-                                  text=True, timeout=900)
-            results.append(_worker_result(impl, t, proc.returncode, proc.stdout, proc.stderr))
-    base = {r["seq_len"]: r for r in results if r["impl"] == "none"}
-    rows = []
-    for row in results:
-        if row["impl"] == "none":
-            continue
-        b = base.get(row["seq_len"], {})
-        if "peak_rss_mb" in row and "peak_rss_mb" in b:
-            row["baseline_rss_mb"] = b["peak_rss_mb"]
-            row["peak_mb_over_baseline"] = round(row["peak_rss_mb"] - b["peak_rss_mb"], 1)
-        rows.append(row)
-    return rows
-
-
 # ---- input pipeline ------------------------------------------------------------------------------
 def bench_input(batch_size, num_batches, rounds):
     from bench_input import measure_input_throughput
@@ -521,14 +391,7 @@ def main(argv=None):
     parser.add_argument("--attention_seq_lens", help="e.g. 50,500,2048")
     parser.add_argument("--no_attention_jit", action="store_true",
                         help="time the attention cores in graph mode instead of under XLA")
-    parser.add_argument("--attention_worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.attention_worker:
-        impls, t, b, h, dh, iters, jit = args.attention_worker.split(",")
-        for impl in impls.split("+"):  # several only in quick mode (memory then cumulative)
-            attention_worker(impl, int(t), int(b), int(h), int(dh), int(iters), bool(int(jit)))
-        return 0
 
     quick = args.quick
     cfg = dict(QUICK if quick else SPEC)
