@@ -11,5 +11,5 @@ from msa_xla.layers.pooling import AttentionPooling, masked_mean
 from msa_xla.layers.positional import LearnablePositionalEmbedding
 
 __all__ = ["AdaptiveFusionHead", "AttentionPooling", "CrossAttentionBlock", "CrossModalFusion",
-           "Dense", "Dropout", "LearnablePositionalEmbedding", "MaskedMultiHeadAttention", "ModalityEncoder",
-           "TransformerBlock", "create_padding_mask", "masked_mean"]
+           "Dense", "Dropout", "LearnablePositionalEmbedding", "MaskedMultiHeadAttention",
+           "ModalityEncoder", "TransformerBlock", "create_padding_mask", "masked_mean"]

@@ -3,8 +3,7 @@
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.kernels import masked_attention, validate_impl
-from msa_xla.kernels.linear import linear
+from msa_xla.kernels import linear, masked_attention, validate_impl
 
 
 def check_heads(model_dim, num_heads):

@@ -1,9 +1,9 @@
-"""Dense whose bias gradient is cheap inside an XLA computation (see `msa_xla.kernels.linear`)."""
+"""Dense whose bias gradient is cheap inside XLA (see `msa_xla.kernels.projection`)."""
 
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.kernels.linear import linear
+from msa_xla.kernels import linear
 
 
 @keras.saving.register_keras_serializable(package="msa_xla")
@@ -19,7 +19,8 @@ class Dense(keras.layers.Dense):
     """
 
     def call(self, inputs):
-        if isinstance(inputs, tf.SparseTensor) or inputs.shape.rank is None:
+        if (isinstance(inputs, (tf.SparseTensor, tf.RaggedTensor))
+                or inputs.shape.rank is None):
             return super().call(inputs)
         inputs = tf.cast(inputs, self.compute_dtype)
         kernel = tf.cast(self.kernel, self.compute_dtype)

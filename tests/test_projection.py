@@ -1,12 +1,12 @@
-"""msa_xla.kernels.linear and msa_xla.layers.Dense: inside XLA the bias gradient comes out of the
-weight-gradient matmul; values and all three gradients equal the plain ops' (and keras Dense's)."""
+"""msa_xla.kernels.linear (kernels/projection.py) and msa_xla.layers.Dense: inside XLA the bias
+gradient comes out of the weight-gradient matmul; values and all three gradients equal the
+plain ops' (and keras Dense's)."""
 import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.kernels import linear as linear_module
-from msa_xla.kernels.linear import linear
+from msa_xla.kernels import linear, projection
 from msa_xla.layers.dense import Dense
 
 
@@ -37,8 +37,8 @@ def test_linear_in_xla_equals_plain_matmul_and_its_gradients(shape):
 
 def test_linear_takes_the_folded_bias_gradient_path_only_inside_xla(monkeypatch):
     calls = []
-    folded = linear_module._linear_bias_grad_in_matmul
-    monkeypatch.setattr(linear_module, "_linear_bias_grad_in_matmul",
+    folded = projection._linear_bias_grad_in_matmul
+    monkeypatch.setattr(projection, "_linear_bias_grad_in_matmul",
                         lambda *args: calls.append(1) or folded(*args))
     x, kernel, bias = tf.ones((2, 3, 4)), tf.ones((4, 5)), tf.zeros((5,))
     linear(x, kernel, bias)  # eager
