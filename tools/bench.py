@@ -37,7 +37,7 @@ TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TOOLS_DIR)
 sys.path[:0] = [TOOLS_DIR, REPO_DIR]  # run from a checkout; the other bench_* tools
 
-from bench_attention import bench_attention  # noqa: E402  (after sys.path)
+from bench_attention import SPEC as ATTENTION_SPEC, bench_attention  # noqa: E402
 
 # The spec's training config (issue: B=32, T=50, 300/74/47, 4 heads, 2 encoder + 1 fusion layers).
 SPEC = dict(batch_size=32, seq_len=50, text_dim=300, audio_dim=74, video_dim=47, num_heads=4,
@@ -402,7 +402,7 @@ def main(argv=None):
     warmup_steps = 2 if quick else 5
     peak_n, peak_reps = (256, 2) if quick else (2048, 4)
     attention_spec = (dict(batch=2, heads=2, head_dim=8, iters=2, iters_long=2) if quick
-                      else dict(batch=4, heads=4, head_dim=32, iters=10, iters_long=3))
+                      else ATTENTION_SPEC)
     seq_lens = (tuple(int(x) for x in args.attention_seq_lens.split(","))
                 if args.attention_seq_lens else ((16,) if quick else (50, 500, 2048)))
     attention_jit = not args.no_attention_jit

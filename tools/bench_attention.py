@@ -27,7 +27,7 @@ ATTENTION_IMPLS = ("reference", "fused", "chunked", "keras_mha")
 SPEC = dict(batch=4, heads=4, head_dim=32, iters=10, iters_long=3)
 
 
-# ---- one attention core, in its own process ------------------------------------------------------------------------------
+# ---- one attention core, in its own process ------------------------------------------------------
 def attention_worker(impl, seq_len, batch, heads, head_dim, iters, jit):
     """Runs in its own process: times forward + backward of one attention core; prints JSON.
 
@@ -171,7 +171,9 @@ def main(argv=None):
     try:
         seq_lens = tuple(int(x) for x in args.seq_lens.split(","))
     except ValueError:
-        parser.error(f"--seq_lens={args.seq_lens!r}: expected integers such as 50,500,2048")
+        seq_lens = ()
+    if not seq_lens or min(seq_lens) <= 0:
+        parser.error(f"--seq_lens={args.seq_lens!r}: expected positive integers, e.g. 50,500")
     rows = bench_attention(SPEC, seq_lens, jit=not args.no_jit)
     for row in rows:
         print(json.dumps(row))
