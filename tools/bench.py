@@ -22,7 +22,8 @@ Sections (all in one process except the attention memory probes):
    (tools/bench_attention.py, which also runs on its own).
 4. Input pipeline examples/s (tools/bench_input.py on the built-in dataset) beside samples/s.
 
-Then a table, the targets of the performance issue (met or not, by how much), and `--json OUT`.
+Then a table, the targets of the performance issue (met or not, by how much; both in
+tools/bench_report.py), and `--json OUT`.
 """
 import argparse
 import json
@@ -38,6 +39,7 @@ REPO_DIR = os.path.dirname(TOOLS_DIR)
 sys.path[:0] = [TOOLS_DIR, REPO_DIR]  # run from a checkout; the other bench_* tools
 
 from bench_attention import SPEC as ATTENTION_SPEC, bench_attention  # noqa: E402
+from bench_report import evaluate_targets, format_report  # noqa: E402
 
 # The spec's training config (issue: B=32, T=50, 300/74/47, 4 heads, 2 encoder + 1 fusion layers).
 SPEC = dict(batch_size=32, seq_len=50, text_dim=300, audio_dim=74, video_dim=47, num_heads=4,
@@ -47,9 +49,6 @@ SPEC_SIZES = ((128, 256), (256, 512))  # (model_dim, ff_dim); targets 1.5x and 1
 QUICK = dict(batch_size=4, seq_len=8, text_dim=12, audio_dim=6, video_dim=5, num_heads=2,
              n_layers_mod=0, n_layers_fuse=1, dropout_rate=0.1)
 QUICK_SIZES = ((16, 32),)
-TARGET_VS_BASELINE = {128: 1.5, 256: 1.3}
-TARGET_JIT_VS_NOJIT = 0.95
-TARGET_CHUNKED_MEMORY, TARGET_CHUNKED_TIME = 0.5, 1.5
 CANDIDATES = ("msa_xla_jit", "msa_xla_nojit", "keras_baseline")
 
 
@@ -270,114 +269,6 @@ def bench_input(batch_size, num_batches, rounds):
     from msa_xla.data import ensure_builtin_dataset
 
     return measure_input_throughput(ensure_builtin_dataset(), batch_size, num_batches, rounds)
-
-
-# ---- targets, table ------------------------------------------------------------------------------
-def evaluate_targets(result):
-    targets = []
-    for run in result["training"]:
-        d = run["model_dim"]
-        need = TARGET_VS_BASELINE.get(d)
-        r = run["ratios"]["msa_xla_jit/keras_baseline"]
-        if need is not None:
-            targets.append({"target": f"d={d}: jit >= {need}x keras baseline",
-                            "measured_best": r["best"], "measured_median": r["median"],
-                            "threshold": need, "met": r["best"] >= need and r["median"] >= need})
-        r = run["ratios"]["msa_xla_jit/msa_xla_nojit"]
-        targets.append({"target": f"d={d}: jit >= {TARGET_JIT_VS_NOJIT}x no-jit",
-                        "measured_best": r["best"], "measured_median": r["median"],
-                        "threshold": TARGET_JIT_VS_NOJIT,
-                        "met": r["best"] >= TARGET_JIT_VS_NOJIT
-                        and r["median"] >= TARGET_JIT_VS_NOJIT})
-        recompiled = [n for n, c in run["candidates"].items() if c["recompiled_after_warmup"]]
-        targets.append({"target": f"d={d}: no recompilation after warm-up",
-                        "recompiled": recompiled, "met": not recompiled})
-    by = {(row["impl"], row["seq_len"]): row for row in result["attention"]["rows"]}
-    longest = max(result["attention"]["seq_lens"])
-    ref, chk = by.get(("reference", longest), {}), by.get(("chunked", longest), {})
-    if "peak_mb_over_baseline" in ref and "peak_mb_over_baseline" in chk:
-        mem = chk["peak_mb_over_baseline"] / max(ref["peak_mb_over_baseline"], 1e-9)
-        tim = chk["median_ms"] / ref["median_ms"]
-        targets.append({"target": f"T={longest}: chunked memory <= {TARGET_CHUNKED_MEMORY}x "
-                                  "reference", "measured": round(mem, 3),
-                        "threshold": TARGET_CHUNKED_MEMORY, "met": mem <= TARGET_CHUNKED_MEMORY})
-        targets.append({"target": f"T={longest}: chunked time <= {TARGET_CHUNKED_TIME}x "
-                                  "reference", "measured": round(tim, 3),
-                        "threshold": TARGET_CHUNKED_TIME, "met": tim <= TARGET_CHUNKED_TIME})
-    return targets
-
-
-def format_report(result):
-    out = []
-    host = result["host"]
-    cfg = result["config"]
-    out.append(f"host: {host['cpu']}, {host['cpus']} CPUs ({' '.join(host['isa'])}), "
-               f"TF {host['tensorflow']}, tf_keras {host['tf_keras']}")
-    out.append(f"command: {result['command']}  (load average {result['load_average_start'][0]} "
-               f"at start, {result['load_average_end'][0]} at end, on {host['cpus']} CPUs)")
-    peaks = result["matmul_peak"]
-    out.append("matmul peak ({0}^3): float32 {1} GFLOP/s, bfloat16 {2} GFLOP/s (best of {3})"
-               .format(peaks["float32"]["n"], peaks["float32"]["best_gflops"],
-                       peaks["bfloat16"]["best_gflops"], result["settings"]["peak_reps"]))
-    inp = result["input_pipeline"]
-    out.append("")
-    out.append(f"Training, float32, B={cfg['batch_size']} T={cfg['seq_len']} dims "
-               f"{cfg['text_dim']}/{cfg['audio_dim']}/{cfg['video_dim']}, {cfg['num_heads']} heads, "
-               f"{cfg['n_layers_mod']} encoder + {cfg['n_layers_fuse']} fusion layers; samples/s "
-               "through model.fit, interleaved rounds")
-    header = (f"| {'d/ff':<8} | {'candidate':<28} | {'best/s':>7} | {'median/s':>8} | "
-              f"{'x base (best/med)':>17} | {'MFU f32':>7} | {'MFU bf16':>8} | {'retrace':>7} |")
-    out.append(header)
-    out.append("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    labels = {"msa_xla_jit": "(1) MSASeqLevelModel jit", "msa_xla_nojit":
-              "(2) MSASeqLevelModel no-jit", "keras_baseline": "(3) stock tf_keras baseline"}
-    for run in result["training"]:
-        base = run["candidates"]["keras_baseline"]
-        for name in CANDIDATES:
-            c = run["candidates"][name]
-            ratio = (f"{c['best_samples_per_s'] / base['best_samples_per_s']:.2f}/"
-                     f"{c['median_samples_per_s'] / base['median_samples_per_s']:.2f}")
-            retrace = f"{c['tracing_count_after_warmup']}->{c['tracing_count_end']}"
-            size = f"{run['model_dim']}/{run['ff_dim']}"
-            out.append(f"| {size:<8} | {labels[name]:<28} | "
-                       f"{c['best_samples_per_s']:>7.1f} | {c['median_samples_per_s']:>8.1f} | "
-                       f"{ratio:>17} | {c['best_mfu_float32']:>7.1%} | "
-                       f"{c['best_mfu_bfloat16']:>8.1%} | {retrace:>7} |")
-        r = run["ratios"]["msa_xla_jit/msa_xla_nojit"]
-        out.append(f"  d={run['model_dim']}: {run['params']:,} parameters (all three), "
-                   f"{run['flops_per_sample']['train'] / 1e6:.0f} MFLOP/sample train; jit/no-jit "
-                   f"best {r['best']:.2f}, median {r['median']:.2f}; "
-                   f"jit/baseline median of per-round ratios "
-                   f"{run['ratios']['msa_xla_jit/keras_baseline']['median_of_rounds']:.2f}")
-    out.append(f"Input pipeline (built-in dataset, batch {inp['batch_size']}): median "
-               f"{inp['median_examples_per_s']:.0f} examples/s, best {inp['best_examples_per_s']:.0f}"
-               f" = {result['input_vs_training']:.0f}x the best training rate above")
-    att = result["attention"]
-    out.append("")
-    out.append(f"Attention core forward+backward, B={att['batch']} H={att['heads']} "
-               f"Dh={att['head_dim']}, {'XLA (jit_compile)' if att['jit'] else 'graph'}; memory = "
-               "subprocess peak RSS minus an inputs-only subprocess")
-    header = f"| {'T':>5} | {'impl':<10} | {'median ms':>9} | {'best ms':>8} | {'peak MB':>8} |"
-    out.append(header)
-    out.append("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for row in att["rows"]:
-        if "error" in row:
-            out.append(f"| {row['seq_len']:>5} | {row['impl']:<10} | error: "
-                       f"{row['error'].strip().splitlines()[-1][:60]}")
-            continue
-        out.append(f"| {row['seq_len']:>5} | {row['impl']:<10} | {row['median_ms']:>9.2f} | "
-                   f"{row['best_ms']:>8.2f} | {row.get('peak_mb_over_baseline', float('nan')):>8.1f} |")
-    out.append("")
-    out.append("Targets:")
-    for t in result["targets"]:
-        if "measured_best" in t:
-            got = f"best {t['measured_best']:.2f}, median {t['measured_median']:.2f}"
-        elif "measured" in t:
-            got = f"{t['measured']:.2f}"
-        else:
-            got = f"recompiled: {t['recompiled'] or 'none'}"
-        out.append(f"  [{'MET' if t['met'] else 'MISSED'}] {t['target']}: {got}")
-    return "\n".join(out)
 
 
 # ---- main ----------------------------------------------------------------------------------------
