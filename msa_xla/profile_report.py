@@ -3,9 +3,9 @@
     report = profile_report("profiles/my-run")   # dict; format_report(report) -> table text
 
 Reads the newest capture with xprof's converter (overview_page, input_pipeline_analyzer,
-framework_op_stats) and, for XLA-compiled steps on CPU, XLA's own thunk events from the raw
-XSpace. Imports neither TensorFlow nor tf_keras, so the CLI starts in about a second. The capture
-itself is msa_xla/profiling.py.
+framework_op_stats) and, from the raw XSpace, how busy the worker threads were and, for
+XLA-compiled steps on CPU, XLA's own thunk events. Imports neither TensorFlow nor tf_keras, so
+the CLI starts in about a second. The capture itself is msa_xla/profiling.py.
 """
 
 from __future__ import annotations
@@ -194,12 +194,15 @@ def _is_input_op(op: dict) -> bool:
     return op["type"] in _INPUT_OP_TYPES or op["name"].startswith("Iterator::")
 
 
-# ---- XLA thunks on CPU ---------------------------------------------------------------------
+# ---- worker threads and XLA thunks on CPU ------------------------------------------------------
 # XLA's CPU runtime records every thunk it runs (one per dot, fusion, copy...) as a trace event on
 # the Eigen threads: `dot.4`, `add_multiply_fusion.2` (TF 2.21 does by default; elsewhere
 # XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true asks for them). framework_op_stats ignores these
 # events, so they are read from the raw XSpace here.
 _THUNK_BOOKKEEPING = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await")
+# TF's threadpool listener marks when a worker thread starts and stops running tasks.
+_REGION_START, _REGION_STOP = "ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion"
+_NOT_THUNKS = _THUNK_BOOKKEEPING + ("ThreadpoolListener::", "end: ")
 _MATMUL_PREFIXES = ("dot", "MatMul", "BatchMatMul", "Einsum", "convolution")
 
 
@@ -213,6 +216,66 @@ def _xplane_pb2():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.lru_cache(maxsize=4)  # the thunk table and the worker activity read the same files
+def _host_planes(xplane_paths: tuple[str, ...]) -> list:
+    """The planes of the captures that hold events (on CPU: the host's), parsed."""
+    pb2 = _xplane_pb2()
+    planes = []
+    for path in xplane_paths:
+        space = pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+        planes += [plane for plane in space.planes if plane.lines]
+    return planes
+
+
+def _eigen_lines(xplane_paths: tuple[str, ...]):
+    """Yields (line, {metadata id: event name}) for every Eigen worker thread."""
+    for plane in _host_planes(xplane_paths):
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            if "Eigen" in line.name:
+                yield line, names
+
+
+def worker_activity(xplane_paths: list[str], steps: int) -> dict | None:
+    """How busy TF's Eigen worker threads were during the capture, or None without the data.
+
+    A thread counts as busy between the threadpool listener's StartRegion and StopRegion
+    events (it is running a task). On CPU this is where XLA's thunks and TF's kernels run, and
+    it includes what no thunk event records: XLA:CPU's dot thunk hands its matmul to Eigen
+    with a completion callback, so the thunk's event can end before the matmul's work on the
+    pool does.
+
+    Returns:
+      {"threads", "busy_ms_per_step" (summed over the threads), "busy_percent" (of threads x
+      the capture's duration)}.
+    """
+    busy_ps, threads, first, last = 0, 0, math.inf, -math.inf
+    for line, names in _eigen_lines(tuple(xplane_paths)):
+        started = None
+        regions = 0
+        for event in sorted(line.events, key=lambda e: e.offset_ps):
+            name = names.get(event.metadata_id, "")
+            if name == _REGION_START:
+                started = event.offset_ps
+            elif name == _REGION_STOP and started is not None:
+                busy_ps += event.offset_ps - started
+                regions += 1
+                started = None
+        threads += regions > 0
+    if not threads:
+        return None
+    for plane in _host_planes(tuple(xplane_paths)):  # the capture: all events of the host
+        for line in plane.lines:
+            for event in line.events:
+                first = min(first, line.timestamp_ns * 1000 + event.offset_ps)
+                last = max(last, line.timestamp_ns * 1000 + event.offset_ps + event.duration_ps)
+    steps = max(int(steps or 1), 1)
+    return {"threads": threads, "busy_ms_per_step": round(busy_ps / 1e9 / steps, 3),
+            "busy_percent": round(100 * busy_ps / (threads * (last - first)), 1)}
 
 
 def _thunk_kind(name: str) -> str:
@@ -229,34 +292,25 @@ def xla_thunk_kinds(xplane_paths: list[str], steps: int, top: int = 10) -> dict 
       thread time summed over the Eigen worker threads (they run thunks side by side), per
       profiled step, the `top` kinds by self time.
     """
-    pb2 = _xplane_pb2()
     self_ps, counts = {}, {}
-    for path in xplane_paths:
-        space = pb2.XSpace()
-        with open(path, "rb") as f:
-            space.ParseFromString(f.read())
-        for plane in space.planes:
-            names = {key: meta.name for key, meta in plane.event_metadata.items()}
-            for line in plane.lines:
-                if "Eigen" not in line.name:
-                    continue
-                # Self time: an event's duration minus the events nested in it (same thread).
-                events = sorted(line.events, key=lambda e: (e.offset_ps, -e.duration_ps))
-                open_events = []  # [end_ps, name, self_ps], outermost first
-                for event in events + [None]:
-                    start = math.inf if event is None else event.offset_ps
-                    while open_events and open_events[-1][0] <= start:
-                        _, name, own = open_events.pop()
-                        if name not in _THUNK_BOOKKEEPING and not name.startswith("end: "):
-                            kind = _thunk_kind(name)
-                            self_ps[kind] = self_ps.get(kind, 0) + own
-                            counts[kind] = counts.get(kind, 0) + 1
-                    if event is None:
-                        break
-                    if open_events:
-                        open_events[-1][2] -= event.duration_ps
-                    open_events.append([event.offset_ps + event.duration_ps,
-                                        names.get(event.metadata_id, ""), event.duration_ps])
+    for line, names in _eigen_lines(tuple(xplane_paths)):
+        # Self time: an event's duration minus the events nested in it (same thread).
+        events = sorted(line.events, key=lambda e: (e.offset_ps, -e.duration_ps))
+        open_events = []  # [end_ps, name, self_ps], outermost first
+        for event in events + [None]:
+            start = math.inf if event is None else event.offset_ps
+            while open_events and open_events[-1][0] <= start:
+                _, name, own = open_events.pop()
+                if not name.startswith(_NOT_THUNKS):
+                    kind = _thunk_kind(name)
+                    self_ps[kind] = self_ps.get(kind, 0) + own
+                    counts[kind] = counts.get(kind, 0) + 1
+            if event is None:
+                break
+            if open_events:
+                open_events[-1][2] -= event.duration_ps
+            open_events.append([event.offset_ps + event.duration_ps,
+                                names.get(event.metadata_id, ""), event.duration_ps])
     if not any(kind.endswith("fusion") or kind == "dot (matmul)" for kind in self_ps):
         return None  # no XLA thunk events (no XLA computation, or not recorded)
     total = sum(self_ps.values())
@@ -284,6 +338,7 @@ def profile_report(folder: str, top: int = 10, quiet: bool = False) -> dict:
                       if not _is_input_op(op))
     step_ms = report["step_time_ms"]["mean"] * report["steps"]
     report["xla_thunks"] = xla_thunk_kinds(paths, report["steps"], top)
+    report["workers"] = worker_activity(paths, report["steps"])
     xla_hidden = step_ms and model_op_ms < 0.1 * step_ms
     report["notes"] = [_XLA_NOTE] if xla_hidden and report["xla_thunks"] is None else []
     return report
@@ -310,10 +365,17 @@ def format_report(report: dict) -> str:
     for op in report["top_ops"]:
         lines.append(f"{op['where']:6} {op['self_time_ms']:9.3f} {op['share_percent']:5.1f}% "
                      f"{op['occurrences']:5d}  {op['type'][:18]:18} {op['name']}")
+    workers = report.get("workers")
+    if workers:
+        lines += ["", f"worker threads {workers['threads']} (TF's Eigen pool) busy "
+                  f"{workers['busy_percent']:.1f}% of the capture: "
+                  f"{workers['busy_ms_per_step']:.2f} ms a step, summed over the threads"]
     thunks = report.get("xla_thunks")
     if thunks:
         lines += ["", f"XLA thunks on CPU: {thunks['total_ms_per_step']:.2f} ms of thread time a "
                   "step (summed over the worker threads), top kinds by self time",
+                  "(a dot's event can end before its matmul does: XLA:CPU hands matmuls to Eigen "
+                  "with a completion callback, so the busy time above exceeds the thunks' total)",
                   f"{'ms/step':>9} {'share':>6} {'#/step':>7}  kind"]
         for kind in thunks["kinds"]:
             lines.append(f"{kind['ms_per_step']:9.3f} {kind['share_percent']:5.1f}% "

@@ -53,6 +53,53 @@ def test_xla_run_reports_xla_thunks(tmp_path):
     assert 0 < sum(k["share_percent"] for k in thunks["kinds"]) <= 100.05
     assert "XLA thunks on CPU" in profile_report.format_report(report)
     assert report["notes"] == []  # the XLA table replaces the "ops are missing" note
+    # Thunks run inside the worker threads' tasks, so the tasks take at least as long.
+    workers = report["workers"]
+    assert workers["threads"] >= 1 and 0 < workers["busy_percent"] <= 100
+    assert thunks["total_ms_per_step"] <= workers["busy_ms_per_step"]
+    assert "worker threads" in profile_report.format_report(report)
+
+
+def _write_xspace(path, lines):
+    """An XSpace file with one host plane; `lines`: thread name -> [(event, start_us, dur_us)]."""
+    pb2 = profile_report._xplane_pb2()
+    space = pb2.XSpace()
+    plane = space.planes.add(name="/host:CPU")
+    ids = {}
+    for thread, events in lines.items():
+        line = plane.lines.add(name=thread, timestamp_ns=1_000)
+        for name, start_us, duration_us in events:
+            ids.setdefault(name, len(ids) + 1)
+            plane.event_metadata[ids[name]].id = ids[name]
+            plane.event_metadata[ids[name]].name = name
+            line.events.add(metadata_id=ids[name], offset_ps=start_us * 10 ** 6,
+                            duration_ps=duration_us * 10 ** 6)
+    path.write_bytes(space.SerializeToString())
+    return str(path)
+
+
+def test_worker_activity_sums_task_regions_over_the_capture(tmp_path):
+    start, stop = "ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion"
+    path = _write_xspace(tmp_path / "host.xplane.pb", {
+        # The capture spans 0..1000 us (the main thread's event).
+        "train.py": [("TraceContext", 0, 1000)],
+        # Worker 1: tasks 100..400 and 500..600 us, with a thunk inside the first.
+        "tf_numa_-1_Eigen/1": [(start, 100, 0), ("dot.1", 150, 200), (stop, 400, 0),
+                               (start, 500, 0), (stop, 600, 0)],
+        # Worker 2: one task 0..500 us, then one still running when the capture ends.
+        "tf_numa_-1_Eigen/2": [(start, 0, 0), (stop, 500, 0), (start, 900, 0)],
+        # Not a worker thread: its regions do not count.
+        "tf_data_private_threadpool/7": [(start, 0, 0), (stop, 1000, 0)],
+    })
+    activity = profile_report.worker_activity([path], steps=2)
+    # busy 300 + 100 + 500 = 900 us over 2 steps; 900 / (2 threads x 1000 us) = 45%.
+    assert activity == {"threads": 2, "busy_ms_per_step": 0.45, "busy_percent": 45.0}
+    thunks = profile_report.xla_thunk_kinds([path], steps=2)
+    # The listener's events are not thunks.
+    assert [k["kind"] for k in thunks["kinds"]] == ["dot (matmul)"]
+    assert profile_report.worker_activity(
+        [_write_xspace(tmp_path / "none.xplane.pb", {"train.py": [("TraceContext", 0, 10)]})],
+        steps=1) is None
 
 
 def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
