@@ -7,7 +7,8 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TOP_LEVEL = ("command", "host", "config", "quick", "settings", "matmul_peak", "training",
+TOP_LEVEL = ("command", "host", "config", "quick", "settings", "matmul_peak",
+             "projection_matmuls", "training",
              "input_pipeline", "input_vs_training", "attention", "targets", "report",
              "elapsed_seconds", "section_seconds", "load_average_start", "load_average_end")
 CANDIDATE = ("samples_per_s", "best_samples_per_s", "median_samples_per_s", "warmup_seconds",
@@ -32,6 +33,16 @@ def test_quick_benchmark_writes_every_field(tmp_path):
         assert key in result, key
     for dtype in ("float32", "bfloat16"):
         assert result["matmul_peak"][dtype]["best_gflops"] > 0
+    projections = result["projection_matmuls"]
+    assert len(projections) == 4 * 3 + 1 and projections[-1]["projection"] == "all"
+    for row in projections[:-1]:
+        assert 0 < row["median_gflops"] <= row["best_gflops"]
+    for row in projections:
+        assert row["best_of_peak_float32"] == round(
+            row["best_gflops"] / result["matmul_peak"]["float32"]["best_gflops"], 3)
+    # "all" is total FLOPs over total time: between the slowest and the fastest shape.
+    rates = [row["best_gflops"] for row in projections[:-1]]
+    assert min(rates) - 0.1 <= projections[-1]["best_gflops"] <= max(rates) + 0.1
     (run,) = result["training"]
     assert run["flops_per_sample"]["train"] == 3 * run["flops_per_sample"]["forward"] > 0
     assert run["params"] > 0
@@ -73,3 +84,25 @@ def test_mfu_is_against_the_final_peak():
     res = runs[0]["candidates"]["a"]
     assert res["best_mfu_float32"] == round(114.1 / 220.4, 3)
     assert res["median_mfu_bfloat16"] == round(100.0 / 415.6, 3)
+
+
+def test_baseline_target_states_the_mfu_it_needs_and_what_the_matmuls_reach():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(os.path.join(REPO, "tools"))
+    ratio = {"best": 1.36, "median": 1.48, "median_of_rounds": 1.43}
+    result = {
+        "training": [{"model_dim": 128, "ratios": {"msa_xla_jit/keras_baseline": ratio,
+                                                   "msa_xla_jit/msa_xla_nojit": ratio},
+                      "candidates": {"keras_baseline": {"best_mfu_float32": 0.446,
+                                                        "recompiled_after_warmup": False}}}],
+        "projection_matmuls": [
+            {"model_dim": 128, "pass": "forward", "best_of_peak_float32": 0.69},
+            {"model_dim": 128, "pass": "all", "best_of_peak_float32": 0.64}],
+        "attention": {"rows": [], "seq_lens": [50]}}
+    target = bench_report.evaluate_targets(result)[0]
+    assert target["target"] == "d=128: jit >= 1.5x keras baseline" and not target["met"]
+    assert target["needed_mfu_float32"] == 0.669  # 1.5 x the baseline's 44.6%
+    assert target["projection_matmuls_of_peak_float32"] == 0.64  # the "all" row, not one shape

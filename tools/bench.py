@@ -7,6 +7,8 @@
 
 Sections (all in one process except the attention memory probes):
 1. Matmul peak: a 2048^3 matmul in float32 and bfloat16, timed a few times; the best is the peak.
+   Also the model's projection matmuls on their own under XLA (section 2's sizes; forward,
+   input- and weight-gradient shapes) as a share of that peak: the yardstick for the step's MFU.
 2. Training throughput, samples/s through `model.fit` after warm-up, float32, of
    (1) MSASeqLevelModel with jit_compile=True, (2) the same with jit_compile=False,
    (3) the stock tf_keras build of the same architecture (tools/baseline_model.py; equal parameter
@@ -87,6 +89,61 @@ def matmul_peak(dtype_name, n, reps):
         rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
     return {"n": n, "best_gflops": round(max(rates), 1),
             "median_gflops": round(statistics.median(rates), 1)}
+
+
+def projection_matmul_rates(cfg, sizes, calls, reps):
+    """GFLOP/s under XLA, float32, of the model's projection matmuls on their own.
+
+    Every projection of a block (the fused QKV, the attention output, the two feed-forward
+    ones) at each (model_dim, ff_dim), in the three shapes a training step runs it: forward
+    (B*T, K) x (K, N), input gradient (B*T, N) x (N, K) and weight gradient (K, B*T) x (B*T, N).
+    `calls` independent matmuls run in one compiled function (the step runs many side by side,
+    and one alone would mostly time the call); best and median of `reps` timed calls. Per size,
+    "all" is their total FLOPs over their total best time: how fast the step's projection
+    matmuls (~90% of its FLOPs at T=50) run on their own here, the yardstick for its MFU. Not a
+    strict ceiling: the d=128 step has measured a little above it.
+    """
+    import tensorflow as tf
+
+    rows = cfg["batch_size"] * cfg["seq_len"]
+    out = []
+    for d, ff in sizes:
+        flops_total = seconds_total = 0.0
+        for name, k, n in (("qkv", d, 3 * d), ("attention output", d, d), ("ffn inner", d, ff),
+                           ("ffn outer", ff, d)):
+            for role, lhs, rhs, transpose_a in (("forward", (rows, k), (k, n), False),
+                                                ("input gradient", (rows, n), (n, k), False),
+                                                ("weight gradient", (rows, k), (rows, n), True)):
+                a = tf.random.stateless_normal((calls,) + lhs, seed=(5, 6))
+                b = tf.random.stateless_normal((calls,) + rhs, seed=(7, 8))
+                matmuls = tf.function(
+                    lambda a, b, t=transpose_a: [tf.matmul(a[i], b[i], transpose_a=t)
+                                                 for i in range(calls)],
+                    jit_compile=True)
+                matmuls(a, b)[-1].numpy()  # compile
+                seconds = []
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    matmuls(a, b)[-1].numpy()
+                    seconds.append(time.perf_counter() - start)
+                flops = 2 * rows * k * n * calls
+                flops_total += flops
+                seconds_total += min(seconds)
+                out.append({"model_dim": d, "ff_dim": ff, "projection": name, "pass": role,
+                            "shape": f"{'x'.join(map(str, lhs))} @ {'x'.join(map(str, rhs))}"
+                                     + (" (lhs transposed)" if transpose_a else ""),
+                            "best_gflops": round(flops / min(seconds) / 1e9, 1),
+                            "median_gflops": round(flops / statistics.median(seconds) / 1e9, 1)})
+        out.append({"model_dim": d, "ff_dim": ff, "projection": "all", "pass": "all", "shape": "",
+                    "best_gflops": round(flops_total / seconds_total / 1e9, 1),
+                    "median_gflops": None})
+    return out
+
+
+def add_peak_share(rows, peak):
+    """Each row's best GFLOP/s as a share of the float32 peak, in place."""
+    for row in rows:
+        row["best_of_peak_float32"] = round(row["best_gflops"] / peak["best_gflops"], 3)
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------
@@ -328,6 +385,11 @@ def main(argv=None):
             peaks[d] = again
     add_mfu(result["training"], peaks)  # against the peak the report prints
     lap("training")
+    print("projection matmuls ...", flush=True)
+    result["projection_matmuls"] = projection_matmul_rates(cfg, sizes, 2 if quick else 8,
+                                                           2 if quick else 15)
+    add_peak_share(result["projection_matmuls"], peaks["float32"])
+    lap("projection_matmuls")
     print("input pipeline ...", flush=True)
     result["input_pipeline"] = bench_input(cfg["batch_size"], 5 if quick else 100,
                                            1 if quick else 3)
