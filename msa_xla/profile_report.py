@@ -255,16 +255,17 @@ def worker_activity(xplane_paths: list[str], steps: int) -> dict | None:
     """
     busy_ps, threads, first, last = 0, 0, math.inf, -math.inf
     for line, names in _eigen_lines(tuple(xplane_paths)):
-        started = None
-        regions = 0
+        depth = regions = started = 0  # a task may run another inline: busy while depth > 0
         for event in sorted(line.events, key=lambda e: e.offset_ps):
             name = names.get(event.metadata_id, "")
             if name == _REGION_START:
-                started = event.offset_ps
-            elif name == _REGION_STOP and started is not None:
-                busy_ps += event.offset_ps - started
-                regions += 1
-                started = None
+                started = event.offset_ps if depth == 0 else started
+                depth += 1
+            elif name == _REGION_STOP and depth:  # a stop without its start began before
+                depth -= 1
+                if depth == 0:
+                    busy_ps += event.offset_ps - started
+                    regions += 1
         threads += regions > 0
     if not threads:
         return None

@@ -86,8 +86,12 @@ def test_worker_activity_sums_task_regions_over_the_capture(tmp_path):
         # Worker 1: tasks 100..400 and 500..600 us, with a thunk inside the first.
         "tf_numa_-1_Eigen/1": [(start, 100, 0), ("dot.1", 150, 200), (stop, 400, 0),
                                (start, 500, 0), (stop, 600, 0)],
-        # Worker 2: one task 0..500 us, then one still running when the capture ends.
-        "tf_numa_-1_Eigen/2": [(start, 0, 0), (stop, 500, 0), (start, 900, 0)],
+        # Worker 2: one task 0..500 us running another inline at 100..200 us, then one still
+        # running when the capture ends.
+        "tf_numa_-1_Eigen/2": [(start, 0, 0), (start, 100, 0), (stop, 200, 0), (stop, 500, 0),
+                               (start, 900, 0)],
+        # Worker 3: only the end of a task that began before the capture.
+        "tf_numa_-1_Eigen/3": [(stop, 50, 0)],
         # Not a worker thread: its regions do not count.
         "tf_data_private_threadpool/7": [(start, 0, 0), (stop, 1000, 0)],
     })
