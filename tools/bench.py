@@ -73,6 +73,24 @@ def host_info():
             "platform": platform.platform()}
 
 
+def timed_calls(call, reps):
+    """Seconds of `reps` calls of `call()` after one untimed warm-up call (tracing,
+    compilation). `call` must block until its result exists (e.g. `.numpy()`)."""
+    call()
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def gflops(flops, seconds):
+    """Best and median GFLOP/s of timed runs of `flops` each."""
+    return {"best_gflops": round(flops / min(seconds) / 1e9, 1),
+            "median_gflops": round(flops / statistics.median(seconds) / 1e9, 1)}
+
+
 def matmul_peak(dtype_name, n, reps):
     """GFLOP/s of an n^3 matmul through TF (best and median of `reps` timed runs)."""
     import tensorflow as tf
@@ -81,14 +99,7 @@ def matmul_peak(dtype_name, n, reps):
     a = tf.cast(tf.random.stateless_normal((n, n), seed=(1, 2)), dtype)
     b = tf.cast(tf.random.stateless_normal((n, n), seed=(3, 4)), dtype)
     matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32)))
-    matmul(a, b).numpy()  # warm-up
-    rates = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        matmul(a, b).numpy()
-        rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-    return {"n": n, "best_gflops": round(max(rates), 1),
-            "median_gflops": round(statistics.median(rates), 1)}
+    return {"n": n, **gflops(2 * n ** 3, timed_calls(lambda: matmul(a, b).numpy(), reps))}
 
 
 def projection_matmul_rates(cfg, sizes, calls, reps):
@@ -120,20 +131,14 @@ def projection_matmul_rates(cfg, sizes, calls, reps):
                     lambda a, b, t=transpose_a: [tf.matmul(a[i], b[i], transpose_a=t)
                                                  for i in range(calls)],
                     jit_compile=True)
-                matmuls(a, b)[-1].numpy()  # compile
-                seconds = []
-                for _ in range(reps):
-                    start = time.perf_counter()
-                    matmuls(a, b)[-1].numpy()
-                    seconds.append(time.perf_counter() - start)
                 flops = 2 * rows * k * n * calls
+                seconds = timed_calls(lambda: matmuls(a, b)[-1].numpy(), reps)
                 flops_total += flops
                 seconds_total += min(seconds)
                 out.append({"model_dim": d, "ff_dim": ff, "projection": name, "pass": role,
                             "shape": f"{'x'.join(map(str, lhs))} @ {'x'.join(map(str, rhs))}"
                                      + (" (lhs transposed)" if transpose_a else ""),
-                            "best_gflops": round(flops / min(seconds) / 1e9, 1),
-                            "median_gflops": round(flops / statistics.median(seconds) / 1e9, 1)})
+                            **gflops(flops, seconds)})
         out.append({"model_dim": d, "ff_dim": ff, "projection": "all", "pass": "all", "shape": "",
                     "best_gflops": round(flops_total / seconds_total / 1e9, 1),
                     "median_gflops": None})
