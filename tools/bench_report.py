@@ -23,10 +23,10 @@ def evaluate_targets(result):
             base_mfu = run["candidates"]["keras_baseline"].get("best_mfu_float32")
             if base_mfu is not None:
                 target["needed_mfu_float32"] = round(need * base_mfu, 3)
-            ceiling = [row for row in result.get("projection_matmuls", [])
-                       if row["model_dim"] == d and row["pass"] == "all"]
-            if ceiling:
-                target["projection_matmuls_of_peak_float32"] = ceiling[0]["best_of_peak_float32"]
+            yardstick = [row for row in result.get("projection_matmuls", [])
+                         if row["model_dim"] == d and row["pass"] == "all"]
+            if yardstick:
+                target["projection_matmuls_of_peak_float32"] = yardstick[0]["best_of_peak_float32"]
             targets.append(target)
         r = run["ratios"]["msa_xla_jit/msa_xla_nojit"]
         targets.append({"target": f"d={d}: jit >= {TARGET_JIT_VS_NOJIT}x no-jit",
@@ -53,6 +53,11 @@ def evaluate_targets(result):
 
 
 # ---- table ---------------------------------------------------------------------------------------
+def _rule(header):
+    """The markdown rule under a `| a | b |` header: one run of dashes per column."""
+    return "|" + "|".join("-" * len(column) for column in header.split("|")[1:-1]) + "|"
+
+
 def format_report(result):
     out = []
     host = result["host"]
@@ -74,7 +79,7 @@ def format_report(result):
         header = f"| {'d/ff':<8} | {'projection':<16} | " + " | ".join(
             f"{p:>15}" for p in passes) + " |"
         out.append(header)
-        out.append("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+        out.append(_rule(header))
         for d in sorted({row["model_dim"] for row in rows}):
             at_d = [row for row in rows if row["model_dim"] == d]
             size = f"{d}/{at_d[0]['ff_dim']}"
@@ -96,7 +101,7 @@ def format_report(result):
     header = (f"| {'d/ff':<8} | {'candidate':<28} | {'best/s':>7} | {'median/s':>8} | "
               f"{'x base (best/med)':>17} | {'MFU f32':>7} | {'MFU bf16':>8} | {'retrace':>7} |")
     out.append(header)
-    out.append("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    out.append(_rule(header))
     labels = {"msa_xla_jit": "(1) MSASeqLevelModel jit", "msa_xla_nojit":
               "(2) MSASeqLevelModel no-jit", "keras_baseline": "(3) stock tf_keras baseline"}
     for run in result["training"]:
@@ -126,7 +131,7 @@ def format_report(result):
                "subprocess peak RSS minus an inputs-only subprocess")
     header = f"| {'T':>5} | {'impl':<10} | {'median ms':>9} | {'best ms':>8} | {'peak MB':>8} |"
     out.append(header)
-    out.append("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    out.append(_rule(header))
     for row in att["rows"]:
         if "error" in row:
             out.append(f"| {row['seq_len']:>5} | {row['impl']:<10} | error: "
