@@ -13,14 +13,18 @@ True lengths: taken from '<modality>_lengths' when the pickle has them; otherwis
 the number of rows up to and including its last row that is not all zeros (padding is assumed at the
 end, as MMSA writes it). Readers only reshape; padding, truncation, casting and non-finite repair
 happen once, in writer.py, for every format alike.
+
+Pickles are untrusted: they are read with safe_pickle's restricted unpickler (numpy arrays and
+plain containers only; any other global stops the read before it is called) unless the caller
+passes trust_pickle=True for a file the user vouches for.
 """
 import dataclasses
 import json
 import os
-import pickle
 
 import numpy as np
 
+from msa_xla.data import safe_pickle
 from msa_xla.data.schema import MODALITIES, SPLITS, DataError
 
 FORMATS = ("mmsa", "mult", "csd", "synthetic")
@@ -47,26 +51,35 @@ class SplitData:
         return len(self.ids)
 
 
-def read_source(fmt, path, *, split_seed=0):
-    """Dispatch on the format name; every error is a DataError with one line for the user."""
+def read_source(fmt, path, *, split_seed=0, trust_pickle=False):
+    """Dispatch on the format name; every error is a DataError with one line for the user.
+
+    trust_pickle: read mmsa/mult pickles with plain pickle.load, which runs any code the file
+    carries; only for a file the user vouches for (default: safe_pickle's restricted reader).
+    """
     if fmt not in ("mmsa", "mult", "csd"):
         raise DataError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if not os.path.exists(path):
         raise DataError(f"input not found: {path}")
     if fmt == "csd":
         return read_csd(path, split_seed=split_seed)
-    return read_pickle(path, fmt)
+    return read_pickle(path, fmt, trust_pickle=trust_pickle)
 
 
-def _load_pickle(path):
+def _load_pickle(path, trusted=False):
     if not os.path.isfile(path):
         raise DataError(f"{path}: expected a pickle file")
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except UnicodeDecodeError:  # Pickles written by Python 2 (some MulT releases).
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        try:
+            with open(path, "rb") as f:
+                return safe_pickle.load(f, trusted=trusted)
+        except UnicodeDecodeError:  # Pickles written by Python 2 (some MulT releases).
+            with open(path, "rb") as f:
+                return safe_pickle.load(f, encoding="latin1", trusted=trusted)
+    except safe_pickle.RefusedGlobal as err:
+        raise DataError(f"{path}: {err}; nothing in it was run (--trust_pickle reads it with "
+                        "plain pickle, which runs any code it carries: only for a file you "
+                        "trust)") from None
     except Exception as err:  # pickle raises many types; all mean "not a readable pickle".
         raise DataError(f"{path}: cannot read pickle ({type(err).__name__}: {err})") from None
 
@@ -86,11 +99,11 @@ def _lengths_from_rows(array):
     return np.where(nonzero.any(axis=1), last, 0)
 
 
-def read_pickle(path, fmt):
-    """MMSA or MulT pickle -> {split: SplitData}."""
+def read_pickle(path, fmt, *, trust_pickle=False):
+    """MMSA or MulT pickle -> {split: SplitData} (restricted unpickling unless trust_pickle)."""
     layout = _MMSA_LAYOUT if fmt == "mmsa" else _MULT_LAYOUT
     label_key = "regression_labels" if fmt == "mmsa" else "labels"
-    data = _load_pickle(path)
+    data = _load_pickle(path, trusted=trust_pickle)
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level is {type(data).__name__}, expected {layout}")
     out = {}

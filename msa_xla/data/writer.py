@@ -10,7 +10,9 @@ Steps, identical for every source format:
      therefore leaves no folder that looks complete.
 
 `main(argv)` is the CLI behind tools/convert_to_tfrecord.py: errors print one `error: ...` line on
-stderr and exit with code 2.
+stderr and exit with code 2. Pickles are read with the restricted unpickler of safe_pickle.py
+(numpy arrays and plain containers only: a file naming any other global is refused before anything
+in it runs); `--trust_pickle` opts out for a file the user vouches for.
 """
 import argparse
 import os
@@ -251,6 +253,11 @@ def build_parser():
     parser.add_argument("--tokenize", action="store_true",
                         help="also store WordPiece ids of raw_text (vocab.txt from train)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="read the --input pickle with plain pickle.load, which can run "
+                             "arbitrary code the file carries: only for a file you trust. By "
+                             "default a pickle may hold only numpy arrays and plain containers, "
+                             "and any other global stops the conversion before it is called")
     parser.add_argument("--split_seed", type=int, default=0, help="csd split without splits.json")
     parser.add_argument("--synthetic_sizes", default="1284,229,686",
                         help="synthetic clips per split (default MOSI's)")
@@ -271,7 +278,8 @@ def _read(args, seq_len):
         return synthetic.generate(sizes, seq_len=seq_len or 50, seed=args.seed), "generated"
     if not args.input:
         raise DataError(f"--format {args.format} needs --input")
-    return sources.read_source(args.format, args.input, split_seed=args.split_seed), args.input
+    return sources.read_source(args.format, args.input, split_seed=args.split_seed,
+                               trust_pickle=args.trust_pickle), args.input
 
 
 def main(argv=None):
