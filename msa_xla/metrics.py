@@ -195,7 +195,7 @@ class MSAMetrics(keras.metrics.Metric):
 
     Args:
       name: metric name (it does not appear in the logs: the dict keys do).
-      dtype: ignored beyond Keras bookkeeping; the state is always float32.
+      dtype: ignored: the metric and its state are always float32.
 
     Example:
       >>> metric = MSAMetrics()
@@ -205,7 +205,12 @@ class MSAMetrics(keras.metrics.Metric):
     """
 
     def __init__(self, name: str = "msa_metrics", dtype=None, **kwargs):
-        super().__init__(name=name, dtype=dtype, **kwargs)
+        # Always float32, whatever the global policy: under mixed_bfloat16 / mixed_float16 a
+        # metric of the policy's dtype gets AutoCastVariable state, and reading that inside
+        # `variable_sync_on_read_context` (TPU epoch ends and evaluate; GPUs under XLA every
+        # step, where MirroredStrategy skips merge_call) raises NotImplementedError.
+        del dtype
+        super().__init__(name=name, dtype="float32", **kwargs)
 
         def state(state_name, shape=()):
             return self.add_weight(state_name, shape=shape, initializer="zeros", dtype=tf.float32)

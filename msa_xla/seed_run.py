@@ -34,6 +34,10 @@ def _build_model(cfg, meta, strategy, seed):
         plan = plan_jit(cfg.jit_compile, strategy, model)
         model.compile(optimizer=optimizer, loss="mae", weighted_metrics=[MSAMetrics()],
                       jit_compile=plan.compile_jit, steps_per_execution=cfg.steps_per_execution)
+        # Per-replica logs: without merge_call (GPUs under XLA) every replica returns the
+        # already all-reduced metric values, which tf_keras' default "sum" would add up; with
+        # merge_call they are one value. "first" is right in both cases.
+        model.distribute_reduction_method = "first"
         # Slots now, so a checkpoint restores into existing variables (exact resume).
         model.optimizer.build(model.trainable_variables)
     if plan.mode == "split_step":

@@ -16,9 +16,9 @@ TINY = ["--model_dim=16", "--num_heads=2", "--ff_dim=32", "--n_layers_mod=1", "-
         "--batch_size=8", "--verbose=0", "--learning_rate=3e-3"]
 
 
-def make_tiny_dataset(folder, sizes=SIZES):
+def make_tiny_dataset(folder, sizes=SIZES, tokenize=False):
     splits = synthetic.generate(sizes, seq_len=SEQ_LEN, dims=DIMS, seed=5)
-    writer.convert(splits, folder, source_format="synthetic", source_path="-", tokenize=False,
+    writer.convert(splits, folder, source_format="synthetic", source_path="-", tokenize=tokenize,
                    log=lambda line: None)
     return str(folder)
 

@@ -5,6 +5,7 @@ import tf_keras as keras
 
 from msa_xla.kernels import validate_impl
 from msa_xla.layers.attention import check_heads
+from msa_xla.layers.embedding import TokenEmbedding
 from msa_xla.layers.masks import check_mask, create_padding_mask
 
 MODALITIES = ("text", "audio", "video")
@@ -54,8 +55,8 @@ class MSABaseModel(keras.Model):
         if text_input == "tokens" and not vocab_size:
             raise ValueError("text_input='tokens' needs vocab_size (the tokenizer's vocabulary size)")
         self.text_input, self.vocab_size = text_input, vocab_size
-        self.token_embedding = (keras.layers.Embedding(vocab_size, self.text_dim,
-                                                       name="token_embedding")
+        # Dense gradient: a sparse one cannot be all-reduced inside XLA (layers/embedding.py).
+        self.token_embedding = (TokenEmbedding(vocab_size, self.text_dim, name="token_embedding")
                                 if text_input == "tokens" else None)
 
     # ---- inputs -------------------------------------------------------------------------
