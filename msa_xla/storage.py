@@ -241,6 +241,9 @@ class _RemoteFile:
     def __init__(self, path, mode):
         self._path = path
         with as_oserror(path):
+            if mode.startswith("w") and path.startswith("ram://") and _gfile().exists(path):
+                # TF's ram:// appends to an existing file where every other filesystem replaces it.
+                _gfile().remove(path)
             self._file = _gfile().GFile(path, mode)
 
     def __getattr__(self, name):
