@@ -21,8 +21,14 @@ own `tf.io.parse_example` spec (built from metadata.json) in batches, and checke
 turns them into a DataError naming the file (strict) or a warning with the exact number of skipped
 records (skip_corrupt), and `usable_files` gives the files tf.data should read: the originals when
 they are clean, else a private copy holding only the good records, byte for byte.
+
+Local and remote files: a local shard is memory-mapped (the OS pages it in, nothing is copied); a
+remote one (gs://...) has no mmap, so its bytes are read once through tf.io.gfile and scanned in
+memory with the same code: the scan of a remote shard holds the whole shard in host memory (write
+big datasets with several shards). Private copies of damaged shards are always local temp files.
 """
 import atexit
+import contextlib
 import dataclasses
 import json
 import mmap
@@ -34,6 +40,7 @@ import warnings
 
 import numpy as np
 
+from msa_xla import storage
 from msa_xla.data import schema
 from msa_xla.data.schema import MODALITIES, DataError
 
@@ -155,46 +162,60 @@ class ScanReport:
 
 # --- Scan ------------------------------------------------------------------------------------
 
-def _walk(path, report):
-    """Framing and CRC walk; returns [(record index, offset, nbytes)] of records with intact CRCs."""
-    size = os.path.getsize(path)
+@contextlib.contextmanager
+def _file_bytes(path):
+    """The bytes of file `path` as a buffer: a read-only mmap of a local file, the contents of a
+    remote one (read once through tf.io.gfile)."""
+    if storage.is_remote(path):
+        yield storage.read_bytes(path)
+        return
+    if os.path.getsize(path) == 0:  # mmap refuses an empty file
+        yield b""
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        yield buf
+
+
+def _walk(buf, report):
+    """Framing and CRC walk of a file's bytes `buf`; returns [(record index, offset, nbytes)] of
+    records with intact CRCs."""
+    size = len(buf)
     if size == 0:
         return []
     records = []
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        arr = np.frombuffer(buf, np.uint8)
-        try:
-            offset, index = 0, 0
-            while offset < size:
-                if size - offset < 16:
-                    report.problems.append((index, offset, f"truncated: {size - offset} stray "
-                                                           "bytes at the end of the file"))
+    arr = np.frombuffer(buf, np.uint8)
+    try:
+        offset, index = 0, 0
+        while offset < size:
+            if size - offset < 16:
+                report.problems.append((index, offset, f"truncated: {size - offset} stray "
+                                                       "bytes at the end of the file"))
+                break
+            head = buf[offset:offset + 12]
+            (length,) = struct.unpack("<Q", head[:8])
+            (length_crc,) = struct.unpack("<I", head[8:])
+            if masked_crc32c(head[:8]) != length_crc:
+                found = _resync(buf, arr, offset + 1)
+                end = size if found is None else found
+                report.problems.append((index, offset, f"damaged record header; bytes "
+                                                       f"{offset}-{end} unreadable"))
+                if found is None:
                     break
-                head = buf[offset:offset + 12]
-                (length,) = struct.unpack("<Q", head[:8])
-                (length_crc,) = struct.unpack("<I", head[8:])
-                if masked_crc32c(head[:8]) != length_crc:
-                    found = _resync(buf, arr, offset + 1)
-                    end = size if found is None else found
-                    report.problems.append((index, offset, f"damaged record header; bytes "
-                                                           f"{offset}-{end} unreadable"))
-                    if found is None:
-                        break
-                    offset, index = found, index + 1
-                    continue
-                end = offset + 12 + length + 4
-                if end > size:
-                    report.problems.append((index, offset, f"truncated: record claims {length} "
-                                                           f"bytes, the file ends at {size}"))
-                    break
-                (data_crc,) = struct.unpack("<I", buf[end - 4:end])
-                if masked_crc32c(buf[offset + 12:end - 4]) != data_crc:
-                    report.problems.append((index, offset, "data CRC mismatch"))
-                else:
-                    records.append((index, offset, end - offset))
-                offset, index = end, index + 1
-        finally:
-            del arr  # release the buffer export before the mmap closes
+                offset, index = found, index + 1
+                continue
+            end = offset + 12 + length + 4
+            if end > size:
+                report.problems.append((index, offset, f"truncated: record claims {length} "
+                                                       f"bytes, the file ends at {size}"))
+                break
+            (data_crc,) = struct.unpack("<I", buf[end - 4:end])
+            if masked_crc32c(buf[offset + 12:end - 4]) != data_crc:
+                report.problems.append((index, offset, "data CRC mismatch"))
+            else:
+                records.append((index, offset, end - offset))
+            offset, index = end, index + 1
+    finally:
+        del arr  # release the buffer export before the mmap closes
     return records
 
 
@@ -240,44 +261,44 @@ def _check_parsed(parsed, row, limits, vocab):
     return None, bad
 
 
-def _parse_all(path, records, meta, report):
+def _parse_all(buf, records, meta, report):
+    """Parse the records of `buf` (file bytes) at `records` and check their values into `report`."""
     import tensorflow as tf
 
     spec, limits, vocab = _spec_info(meta)
     meta_name = schema.METADATA_FILE
-    with open(path, "rb") as f:
-        def payload(offset, nbytes):
-            f.seek(offset + 12)
-            return f.read(nbytes - 16)
 
-        for start in range(0, len(records), _PARSE_BATCH):
-            batch = records[start:start + _PARSE_BATCH]
-            data = [payload(off, nbytes) for _, off, nbytes in batch]
-            try:
-                parsed = {k: v.numpy() for k, v in tf.io.parse_example(data, spec).items()}
-                rows = [(rec, parsed, i) for i, rec in enumerate(batch)]
-            # UnicodeDecodeError: TF's own message quotes the bad bytes and then fails to decode.
-            except (tf.errors.OpError, UnicodeDecodeError):  # find the failing records, one by one
-                rows = []
-                for rec, one in zip(batch, data):
-                    try:
-                        single = {k: v.numpy() for k, v in tf.io.parse_example([one], spec).items()}
-                        rows.append((rec, single, 0))
-                    except (tf.errors.OpError, UnicodeDecodeError) as err:
-                        why = (getattr(err, "message", "") or "not a tf.train.Example").strip()
-                        why = why.splitlines()[0][:200]
-                        report.problems.append((rec[0], rec[1], f"does not parse with the shapes "
-                                                                f"in {meta_name} ({why})"))
-            for (index, offset, nbytes), parsed, row in rows:
-                reason, nonfinite = _check_parsed(parsed, row, limits, vocab)
-                if reason:
-                    report.problems.append((index, offset, reason))
-                    continue
-                if nonfinite:
-                    clip = parsed[schema.ID_KEY][row].decode("utf-8", "replace")
-                    report.nonfinite.append((index, clip, nonfinite))
-                report.good += 1
-                report.spans.append((offset, nbytes))
+    def payload(offset, nbytes):
+        return bytes(buf[offset + 12:offset + nbytes - 4])
+
+    for start in range(0, len(records), _PARSE_BATCH):
+        batch = records[start:start + _PARSE_BATCH]
+        data = [payload(off, nbytes) for _, off, nbytes in batch]
+        try:
+            parsed = {k: v.numpy() for k, v in tf.io.parse_example(data, spec).items()}
+            rows = [(rec, parsed, i) for i, rec in enumerate(batch)]
+        # UnicodeDecodeError: TF's own message quotes the bad bytes and then fails to decode.
+        except (tf.errors.OpError, UnicodeDecodeError):  # find the failing records, one by one
+            rows = []
+            for rec, one in zip(batch, data):
+                try:
+                    single = {k: v.numpy() for k, v in tf.io.parse_example([one], spec).items()}
+                    rows.append((rec, single, 0))
+                except (tf.errors.OpError, UnicodeDecodeError) as err:
+                    why = (getattr(err, "message", "") or "not a tf.train.Example").strip()
+                    why = why.splitlines()[0][:200]
+                    report.problems.append((rec[0], rec[1], f"does not parse with the shapes "
+                                                            f"in {meta_name} ({why})"))
+        for (index, offset, nbytes), parsed, row in rows:
+            reason, nonfinite = _check_parsed(parsed, row, limits, vocab)
+            if reason:
+                report.problems.append((index, offset, reason))
+                continue
+            if nonfinite:
+                clip = parsed[schema.ID_KEY][row].decode("utf-8", "replace")
+                report.nonfinite.append((index, clip, nonfinite))
+            report.good += 1
+            report.spans.append((offset, nbytes))
     report.problems.sort()
 
 
@@ -285,22 +306,26 @@ _cache = {}  # (path, size, mtime_ns, expected, spec key) -> ShardReport
 
 
 def scan_file(path, expected=None, meta=None):
-    """ShardReport of one TFRecord file (parsed and value-checked when `meta` is given); cached."""
-    stat = os.stat(path)
+    """ShardReport of one TFRecord file (parsed and value-checked when `meta` is given); cached,
+    unless the filesystem keeps no modification times (ram://): a rewritten file of the same size
+    could not be told from the scanned one."""
+    stat = storage.stat(path)
     spec_key = None if meta is None else json.dumps(
         [meta["modalities"], (meta.get("tokens") or {}).get("seq_len"),
          (meta.get("tokens") or {}).get("vocab_size")], sort_keys=True)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, expected, spec_key)
+    key = (storage.absolute(path), stat.size, stat.mtime_ns, expected, spec_key)
     if key in _cache:
         return _cache[key]
     report = ShardReport(path=path, expected=expected)
-    records = _walk(path, report)
-    if meta is None:
-        report.good = len(records)
-        report.spans = [(off, n) for _, off, n in records]
-    else:
-        _parse_all(path, records, meta, report)
-    _cache[key] = report
+    with _file_bytes(path) as buf:
+        records = _walk(buf, report)
+        if meta is None:
+            report.good = len(records)
+            report.spans = [(off, n) for _, off, n in records]
+        else:
+            _parse_all(buf, records, meta, report)
+    if stat.mtime_ns:
+        _cache[key] = report
     return report
 
 
@@ -312,11 +337,9 @@ def scan_paths(paths, meta=None):
 def scan_shards(data_dir, split):
     """ScanReport of every shard of `split` (per-file good and skipped record counts); never raises
     for damaged records, only for a bad metadata.json or a missing shard."""
-    from msa_xla.data import pipeline  # the shard list is the pipeline's
-
     data_dir = os.fspath(data_dir)
     meta = schema.load_metadata(data_dir)
-    return ScanReport(scan_paths(pipeline._shard_paths(data_dir, meta, split), meta))
+    return ScanReport(scan_paths(schema.shard_paths(data_dir, meta, split), meta))
 
 
 # --- Verdicts --------------------------------------------------------------------------------
@@ -358,15 +381,16 @@ _clean_dir = None
 
 
 def _clean_copy(report):
-    """Path of a private copy of the report's file holding only its good records (verbatim)."""
+    """Path of a private copy of the report's file holding only its good records (verbatim); a
+    local temp file, also for a remote shard (tf.data reads either)."""
     global _clean_dir
     if report.clean_path and os.path.isfile(report.clean_path):
         return report.clean_path
     if _clean_dir is None:
         _clean_dir = tempfile.mkdtemp(prefix="msa_xla-skip_corrupt-")
         atexit.register(shutil.rmtree, _clean_dir, True)
-    fd, out = tempfile.mkstemp(suffix="-" + os.path.basename(report.path), dir=_clean_dir)
-    with open(report.path, "rb") as src, os.fdopen(fd, "wb") as dst:
+    fd, out = tempfile.mkstemp(suffix="-" + storage.basename(report.path), dir=_clean_dir)
+    with storage.open_file(report.path, "rb") as src, os.fdopen(fd, "wb") as dst:
         for offset, nbytes in report.spans:
             src.seek(offset)
             dst.write(src.read(nbytes))

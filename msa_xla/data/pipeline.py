@@ -5,6 +5,9 @@ Element: `((text, audio, video, text_mask, audio_mask, video_mask), label)` with
     *_mask            bool (B, T_m), True = valid, from the stored true lengths
     label             float32 (B, 1)
 Every dimension is static (B too, with drop_remainder=True): XLA compiles the step once.
+
+`data_dir` may be local or remote (gs://...): metadata and the integrity scan go through
+msa_xla.storage, and tf.data's TFRecordDataset reads any tf.io.gfile path itself.
 """
 import os
 
@@ -19,19 +22,6 @@ TEXT_INPUTS = ("features", "tokens")
 # records costs memory, so it is sized in bytes and never below this many records.
 _SHUFFLE_BYTES = 256 << 20
 _MIN_SHUFFLE_RECORDS = 1024
-
-
-def _shard_paths(data_dir, meta, split):
-    if split not in meta["splits"]:
-        raise DataError(f"{os.path.join(data_dir, schema.METADATA_FILE)}: no split {split!r} "
-                        f"(has {sorted(meta['splits'])})")
-    paths = []
-    for shard in meta["splits"][split]["shards"]:
-        path = os.path.join(data_dir, shard["file"])
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: shard listed in metadata.json is missing")
-        paths.append((path, shard["count"]))
-    return paths
 
 
 def verify_shards(paths, meta=None, *, skip_corrupt=False):
@@ -111,7 +101,7 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
     if text_input == "tokens" and not meta.get("tokens"):
         raise DataError(f"{data_dir}: text_input='tokens' but the dataset has no token ids "
                         "(convert it with --tokenize)")
-    paths = _shard_paths(data_dir, meta, split)
+    paths = schema.shard_paths(data_dir, meta, split)
     paths = verify_shards(paths, meta, skip_corrupt=skip_corrupt)  # usable files, good counts
     files = [p for p, _ in paths]
     shuffle = split == "train" if shuffle is None else shuffle

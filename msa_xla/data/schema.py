@@ -10,12 +10,17 @@ plus `label` (float), `id` (bytes, the clip id) and, for datasets converted with
 
 `metadata.json` beside the shards records the shapes, so the reader builds its parse spec from the
 same place the writer took them from: writer and reader cannot drift.
+
+A dataset folder may be local or remote (gs://...): files are read and written through
+msa_xla.storage.
 """
 import json
 import os
 import struct
 
 import numpy as np
+
+from msa_xla import storage
 
 FORMAT_VERSION = 1
 MODALITIES = ("text", "audio", "video")
@@ -149,10 +154,8 @@ def build_metadata(*, dims, seq_lens, source_format, source_path, splits, tokens
 
 
 def write_metadata(meta, folder):
-    path = os.path.join(os.fspath(folder), METADATA_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    path = storage.join(os.fspath(folder), METADATA_FILE)
+    storage.write_text(path, json.dumps(meta, indent=2) + "\n")
     return path
 
 
@@ -218,26 +221,49 @@ def validate_metadata(meta, path="metadata.json"):
 
 
 def load_metadata(data_dir):
-    """Read and validate `data_dir/metadata.json`; errors name the file."""
-    path = os.path.join(os.fspath(data_dir), METADATA_FILE)
-    if not os.path.isfile(path):
+    """Read and validate `data_dir/metadata.json` (local or remote); errors name the file."""
+    path = storage.join(os.fspath(data_dir), METADATA_FILE)
+    try:
+        found = storage.isfile(path)
+    except OSError as err:  # e.g. no permission on the bucket
+        raise DataError(f"{path}: cannot read metadata ({err})") from None
+    if not found:
         raise DataError(f"{path}: not found (is {data_dir} a folder written by "
                         "tools/convert_to_tfrecord.py?)")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = storage.read_json(path)
     except (OSError, ValueError, RecursionError) as err:  # ValueError: JSON and UTF-8 errors
         raise DataError(f"{path}: cannot read metadata ({err})") from None
     return validate_metadata(meta, path)
 
 
+def _split_info(data_dir, meta, split):
+    if split not in meta["splits"]:
+        raise DataError(f"{storage.join(os.fspath(data_dir), METADATA_FILE)}: no split {split!r} "
+                        f"(has {sorted(meta['splits'])})")
+    return meta["splits"][split]
+
+
 def num_examples(data_dir, split):
     """Number of clips in `split` according to metadata.json."""
-    meta = load_metadata(data_dir)
-    if split not in meta["splits"]:
-        raise DataError(f"{os.path.join(os.fspath(data_dir), METADATA_FILE)}: no split {split!r} "
-                        f"(has {sorted(meta['splits'])})")
-    return meta["splits"][split]["count"]
+    return _split_info(data_dir, load_metadata(data_dir), split)["count"]
+
+
+def shard_paths(data_dir, meta, split):
+    """[(path, record count)] of the shards of `split` that metadata.json lists; DataError naming a
+    missing one. Shared by make_dataset and the integrity scan."""
+    data_dir = os.fspath(data_dir)
+    paths = []
+    for shard in _split_info(data_dir, meta, split)["shards"]:
+        path = storage.join(data_dir, shard["file"])
+        try:
+            found = storage.isfile(path)
+        except OSError as err:
+            raise DataError(f"{path}: cannot read shard ({err})") from None
+        if not found:
+            raise DataError(f"{path}: shard listed in metadata.json is missing")
+        paths.append((path, shard["count"]))
+    return paths
 
 
 def check_tfrecord_framing(path, expected_records=None):
@@ -247,9 +273,9 @@ def check_tfrecord_framing(path, expected_records=None):
     file name. Each record is [u64 length][u32 crc(length)][payload][u32 crc(payload)], so a file
     whose headers do not tile it exactly was cut short or overwritten. Costs one 12-byte read a record.
     """
-    size = os.path.getsize(path)
+    size = storage.stat(path).size
     records, offset = 0, 0
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         while offset < size:
             header = f.read(12)
             if len(header) < 12:
