@@ -1,17 +1,67 @@
 """Remote storage (gs:// and the like) through tf.io.gfile, with TF's in-memory `ram://` filesystem as
-the stand-in for a bucket: it is per-process, so everything here runs in this process."""
+the stand-in for a bucket: it is per-process, so everything here runs in this process.
+
+The data written, read and scanned on ram:// must equal what the local fast paths give."""
+import itertools
 import json
 import os
+import struct
 import uuid
+import warnings
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from msa_xla import storage
+from msa_xla.data import DataError, load_metadata, make_dataset, schema, synthetic, writer
+from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards
+
+SIZES = (20, 6, 9)
+SEQ_LEN = (6, 8, 5)
+DIMS = (5, 4, 3)
 
 
 def _ram(name):
     """A fresh ram:// folder of this test run (the filesystem is shared by the whole process)."""
     return f"ram://msa-xla-test-{uuid.uuid4().hex[:12]}/{name}"
+
+
+def _convert(output, shards=2, tokenize=True, sizes=SIZES, **kwargs):
+    splits = synthetic.generate(sizes, seq_len=SEQ_LEN, dims=DIMS, seed=7)
+    return writer.convert(splits, output, source_format="synthetic", source_path="-",
+                          seq_len=SEQ_LEN, shards=shards, tokenize=tokenize,
+                          log=lambda line: None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The same dataset written to a local folder and to a ram:// folder: (local, remote)."""
+    local = str(tmp_path_factory.mktemp("remote") / "tiny")
+    remote = _ram("tiny")
+    _convert(local)
+    _convert(remote)
+    return local, remote
+
+
+def _files(folder):
+    return {name: storage.read_bytes(storage.join(folder, name)) for name in storage.listdir(folder)}
+
+
+def _batches(data_dir, split, batch_size, take=None, **kwargs):
+    dataset = make_dataset(data_dir, split, batch_size, **kwargs)
+    return [(tuple(x.numpy() for x in inputs), label.numpy())
+            for inputs, label in itertools.islice(dataset, take)]
+
+
+def _assert_same_batches(got, want):
+    assert len(got) == len(want) > 0
+    for (inputs, label), (want_inputs, want_label) in zip(got, want):
+        np.testing.assert_array_equal(label, want_label)
+        assert len(inputs) == len(want_inputs)
+        for a, b in zip(inputs, want_inputs):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
 
 
 # --- The storage helpers ---------------------------------------------------------------------
@@ -77,3 +127,182 @@ def test_local_file_operations(tmp_path):
         storage.join(root, "a", "x.txt"), storage.join(root, "copy", "x.txt")]
     storage.rmtree(storage.join(root, "copy"))
     assert storage.listdir(root) == ["a"]
+
+
+# --- Writing and reading a dataset on ram:// ----------------------------------------------------
+
+def test_convert_to_ram_writes_the_same_files(pair):
+    local, remote = pair
+    assert storage.listdir(storage.dirname(remote)) == ["tiny"]  # no temporary sibling left
+    local_files, remote_files = _files(local), _files(remote)
+    assert sorted(remote_files) == sorted(local_files) == [
+        "metadata.json", "test-00000-of-00002.tfrecord", "test-00001-of-00002.tfrecord",
+        "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
+        "valid-00000-of-00002.tfrecord", "valid-00001-of-00002.tfrecord", "vocab.txt"]
+    assert remote_files == local_files  # byte for byte
+    assert load_metadata(remote) == load_metadata(local)
+    assert schema.check_tfrecord_framing(storage.join(remote, "train-00000-of-00002.tfrecord"),
+                                         10) == 10
+
+
+@pytest.mark.parametrize("split, kwargs", [
+    ("train", {"seed": 3}),
+    ("train", {"seed": 3, "repeat": True, "text_input": "tokens"}),
+    ("valid", {}),
+    ("test", {"drop_remainder": False}),
+])
+def test_make_dataset_gives_the_same_batches(pair, split, kwargs):
+    local, remote = pair
+    take = 8 if kwargs.get("repeat") else None  # 8 batches of 4 span two epochs of 20 clips
+    got = _batches(remote, split, 4, take, **kwargs)
+    want = _batches(local, split, 4, take, **kwargs)
+    _assert_same_batches(got, want)
+
+
+def test_load_metadata_from_ram(pair):
+    _, remote = pair
+    meta = load_metadata(remote)
+    assert meta["modalities"]["audio"] == {"dim": 4, "seq_len": 8}
+    assert [meta["splits"][s]["count"] for s in ("train", "valid", "test")] == list(SIZES)
+    assert meta["tokens"]["vocab_file"] == "vocab.txt"
+    empty = _ram("empty")
+    storage.makedirs(empty)
+    with pytest.raises(DataError, match=f"^{empty}/metadata.json: not found"):
+        load_metadata(empty)
+    storage.write_text(storage.join(empty, "metadata.json"), "{not json")
+    with pytest.raises(DataError, match=f"^{empty}/metadata.json: cannot read metadata"):
+        load_metadata(empty)
+    with pytest.raises(DataError, match=f"^{empty}/sub/metadata.json: not found"):
+        make_dataset(storage.join(empty, "sub"), "train", 2)
+
+
+def test_missing_remote_shard_is_named(tmp_path):
+    remote = _ram("d")
+    _convert(remote, shards=1, tokenize=False, sizes=(4, 2, 2))
+    shard = storage.join(remote, "valid-00000-of-00001.tfrecord")
+    storage.remove(shard)
+    with pytest.raises(DataError, match=f"^{shard}: shard listed in metadata.json is missing"):
+        make_dataset(remote, "valid", 2)
+
+
+def _record_offset(data, index):
+    """Byte offset of record `index` of a TFRecord file's bytes."""
+    offset = 0
+    for _ in range(index):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        offset += 12 + length + 4
+    return offset
+
+
+def _damage(folder, damage):
+    """Damages train shard 0 the same way wherever it is (rewriting the file through storage): a
+    payload byte of record 2, or the tail of the last record."""
+    path = storage.join(folder, "train-00000-of-00002.tfrecord")
+    data = bytearray(storage.read_bytes(path))
+    if damage == "flip":
+        data[_record_offset(bytes(data), 2) + 40] ^= 0xFF  # framing intact, data CRC wrong
+    else:
+        data = data[:-9]  # the last record loses its tail
+    storage.write_bytes(path, bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_integrity_scan_of_ram_matches_local(pair, tmp_path, damage):
+    local, remote = pair
+    local_copy, remote_copy = str(tmp_path / "tiny"), _ram("tiny")
+    storage.copytree(local, local_copy)
+    storage.copytree(remote, remote_copy)
+    for folder in (local_copy, remote_copy):
+        _damage(folder, damage)
+
+    def unrooted(text, root):
+        return text.replace(root, "<root>")
+
+    errors = []
+    for folder in (local_copy, remote_copy):
+        with pytest.raises(DataError, match="skip_corrupt=True") as err:
+            make_dataset(folder, "train", 2)
+        errors.append(unrooted(str(err.value), folder))
+    assert errors[0] == errors[1] and errors[0].startswith("<root>/train-00000-of-00002.tfrecord")
+
+    reports = [scan_shards(folder, "train") for folder in (local_copy, remote_copy)]
+    assert [list(r.by_file().values()) for r in reports] == [[(9, 1), (10, 0)]] * 2
+    assert [[(s.problems, s.spans) for s in r.shards] for r in reports][0] == \
+           [[(s.problems, s.spans) for s in r.shards] for r in reports][1]
+
+    results = []
+    for folder in (local_copy, remote_copy):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batches = _batches(folder, "train", 3, shuffle=False, skip_corrupt=True)
+        messages = [unrooted(str(w.message), folder) for w in caught
+                    if issubclass(w.category, CorruptRecordsWarning)]
+        results.append((batches, messages))
+    (local_batches, local_messages), (remote_batches, remote_messages) = results
+    assert local_messages == remote_messages and len(local_messages) == 1
+    assert "skipped 1 of 10 records" in local_messages[0]
+    _assert_same_batches(remote_batches, local_batches)
+    assert sum(len(label) for _, label in local_batches) == 18  # 19 good clips, full batches of 3
+
+
+def test_rewritten_remote_shard_is_scanned_again():
+    """ram:// has no modification times: the scan cache must not return a stale report."""
+    remote = _ram("d")
+    _convert(remote, shards=2, tokenize=False)
+    assert scan_shards(remote, "train").skipped == 0
+    _damage(remote, "flip")
+    assert scan_shards(remote, "train").skipped == 1
+
+
+# --- The writer's guarantees on ram:// -----------------------------------------------------------
+
+def test_existing_output_refused_on_ram(capsys):
+    remote = _ram("out")
+    _convert(remote, shards=2, tokenize=False, sizes=(4, 2, 2))
+    with pytest.raises(DataError, match=f"^{remote} already exists \\(pass --overwrite"):
+        _convert(remote, shards=1, tokenize=False, sizes=(4, 2, 2))
+    argv = ["--format", "synthetic", "--synthetic_sizes", "4,2,2", "--seq_len", "3",
+            "--output", remote]
+    with pytest.raises(SystemExit) as exit_info:
+        writer.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: {remote} already exists "
+                                               "(pass --overwrite to replace it)")
+    assert writer.main(argv + ["--overwrite", "--shards", "1"]) == 0
+    assert f"wrote {remote}" in capsys.readouterr().out
+    # The old dataset's files are gone: only the new one's, with metadata.json from the new run.
+    assert storage.listdir(remote) == ["metadata.json", "test-00000-of-00001.tfrecord",
+                                       "train-00000-of-00001.tfrecord",
+                                       "valid-00000-of-00001.tfrecord"]
+    assert load_metadata(remote)["seq_len"] == 3
+    assert storage.listdir(storage.dirname(remote)) == ["out"]
+
+
+def test_interrupted_remote_conversion_leaves_nothing(monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.schema, "write_metadata", boom)
+    remote = _ram("out")
+    with pytest.raises(KeyboardInterrupt):
+        _convert(remote, tokenize=False, sizes=(4, 2, 2))
+    assert not storage.exists(remote)
+    assert storage.listdir(storage.dirname(remote)) == []
+
+
+def test_failed_publish_removes_the_partial_output(monkeypatch):
+    """A failure while files move into place leaves no folder that looks like a dataset."""
+    remote = _ram("out")
+    real_rename, moved = storage.rename, []
+
+    def flaky_rename(src, dst, overwrite=False):
+        if moved:
+            raise OSError(f"{dst}: injected failure")
+        moved.append(dst)
+        real_rename(src, dst, overwrite)
+
+    monkeypatch.setattr(writer.storage, "rename", flaky_rename)
+    with pytest.raises(OSError, match="injected failure"):
+        _convert(remote, tokenize=False, sizes=(4, 2, 2))
+    assert moved and not storage.exists(remote)
+    assert storage.listdir(storage.dirname(remote)) == []

@@ -6,12 +6,17 @@ whole words seen at least `min_count` times, then every character seen, both as 
 `##` continuation, so any word of the training alphabet splits into pieces instead of [UNK].
 Tokenisation is `tensorflow_text.BertTokenizer` (lower-casing, punctuation splitting, WordPiece), the
 same op a model can run in-graph on raw strings at serving time via `load_tokenizer`.
+
+The vocabulary file may be local or remote (gs://...): it is written through msa_xla.storage, and
+the tokenizer's lookup table reads it through TensorFlow's filesystems.
 """
 import collections
 import os
 import re
 
 import numpy as np
+
+from msa_xla import storage
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)
@@ -37,9 +42,9 @@ def build_vocab(texts, *, max_size=30000, min_count=1):
 
 
 def save_vocab(vocab, folder):
-    path = os.path.join(folder, VOCAB_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(vocab) + "\n")
+    """Write `vocab` one token a line as `folder/vocab.txt`; returns its path."""
+    path = storage.join(os.fspath(folder), VOCAB_FILE)
+    storage.write_text(path, "\n".join(vocab) + "\n")
     return path
 
 

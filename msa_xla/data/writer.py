@@ -9,6 +9,15 @@ Steps, identical for every source format:
      into a temporary sibling folder, then rename it to the output name. An interrupted conversion
      therefore leaves no folder that looks complete.
 
+A remote output (gs://bucket/data) is written the same way through tf.io.gfile, but an object store
+has no folder rename: the files are renamed one by one from the temporary sibling prefix into the
+output, metadata.json last. Why not write straight into the output with metadata.json last: a
+failed conversion with --overwrite would then already have destroyed the old dataset, and a
+half-written folder would stand under the output's name; staging keeps both like the local case,
+and GCS renames within a bucket are server-side copies (no data passes through this host). Readers
+need metadata.json, so until it lands they see "not found", never half a dataset; a failure while
+files move removes the partial output.
+
 `main(argv)` is the CLI behind tools/convert_to_tfrecord.py: errors print one `error: ...` line on
 stderr and exit with code 2. Pickles are read with the restricted unpickler of safe_pickle.py
 (numpy arrays and plain containers only: a file naming any other global is refused before anything
@@ -19,9 +28,11 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 
 import numpy as np
 
+from msa_xla import storage
 from msa_xla.data import schema
 from msa_xla.data.schema import MODALITIES, SPLITS, DataError
 
@@ -96,7 +107,8 @@ def _write_split(folder, split, data, seq_lens, dims, num_shards, nonfinite, tok
     done = 0
     for index, clip_range in enumerate(np.array_split(np.arange(count), num_shards)):
         name = schema.shard_filename(split, index, num_shards)
-        with tf.io.TFRecordWriter(os.path.join(folder, name)) as records:
+        path = storage.join(folder, name)
+        with storage.as_oserror(path), tf.io.TFRecordWriter(path) as records:
             for i in clip_range:
                 features, lengths = {}, {}
                 for m in MODALITIES:
@@ -136,18 +148,25 @@ def _tokenize(splits, folder, seq_len, log):
     out = {}
     for split in SPLITS:
         raw = splits[split].raw_text
-        ids, lengths, full = text.tokenize(raw, vocab_path, seq_len)
+        with storage.as_oserror(vocab_path):  # the tokenizer reads the vocabulary through TF
+            ids, lengths, full = text.tokenize(raw, vocab_path, seq_len)
         out[split] = (ids, lengths, int(np.count_nonzero(full > seq_len)))
     info = {"vocab_file": text.VOCAB_FILE, "vocab_size": len(vocab), "seq_len": int(seq_len),
             "pad_id": text.PAD_ID, "unk_id": text.UNK_ID}
     return out, info
 
 
+def _refuse_existing(output):
+    raise DataError(f"{output} already exists (pass --overwrite to replace it)")
+
+
 def _publish(tmp, output, overwrite):
     """Rename the finished temp folder to `output` (replacing it only when `overwrite`)."""
-    if os.path.exists(output):
+    if storage.is_remote(output):
+        _publish_remote(tmp, output, overwrite)
+    elif os.path.exists(output):
         if not overwrite:
-            raise DataError(f"{output} already exists (pass --overwrite to replace it)")
+            _refuse_existing(output)
         trash = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.old-",
                                  dir=os.path.dirname(output))
         os.rename(output, os.path.join(trash, "old"))
@@ -155,6 +174,45 @@ def _publish(tmp, output, overwrite):
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp, output)
+
+
+def _publish_remote(tmp, output, overwrite):
+    """Move the files of remote folder `tmp` into `output` one by one, metadata.json last (see the
+    module docstring); on failure remove what was moved, so no partial dataset is left."""
+    if storage.exists(output):
+        if not overwrite:
+            _refuse_existing(output)
+        old_meta = storage.join(output, schema.METADATA_FILE)
+        if storage.exists(old_meta):  # first, so no reader takes the old folder for complete
+            storage.remove(old_meta)
+        if storage.isdir(output):
+            storage.rmtree(output)
+        else:
+            storage.remove(output)
+    names = sorted(storage.listdir(tmp), key=lambda name: name == schema.METADATA_FILE)
+    storage.makedirs(output)
+    try:
+        for name in names:
+            storage.rename(storage.join(tmp, name), storage.join(output, name))
+    except BaseException:
+        storage.rmtree(output, ignore_errors=True)
+        raise
+    storage.rmtree(tmp, ignore_errors=True)
+
+
+def _make_temp_folder(output):
+    """A new, empty temporary sibling folder of `output` (same filesystem, so it renames cheaply)."""
+    parent, base = storage.dirname(output), storage.basename(output)
+    storage.makedirs(parent)
+    if storage.is_remote(output):
+        tmp = storage.join(parent, f".{base}.tmp-{uuid.uuid4().hex[:12]}")
+        storage.makedirs(tmp)  # explicitly: ram:// lists and deletes only folders made this way
+        return tmp
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is an ordinary folder.
+    return tmp
 
 
 def convert(splits, output, *, source_format, source_path, seq_len=None, shards=1,
@@ -165,9 +223,9 @@ def convert(splits, output, *, source_format, source_path, seq_len=None, shards=
         raise DataError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_POLICIES}")
     if int(shards) < 1:
         raise DataError(f"--shards {shards}: expected >= 1")
-    output = os.path.abspath(os.fspath(output))
-    if os.path.exists(output) and not overwrite:
-        raise DataError(f"{output} already exists (pass --overwrite to replace it)")
+    output = storage.absolute(output)
+    if not overwrite and storage.exists(output):
+        _refuse_existing(output)
     dims = _validate(splits)
     if seq_len is None:
         seq_lens = _default_seq_lens(splits)
@@ -175,12 +233,7 @@ def convert(splits, output, *, source_format, source_path, seq_len=None, shards=
         seq_lens = dict.fromkeys(MODALITIES, int(seq_len))
     else:
         seq_lens = dict(zip(MODALITIES, (int(t) for t in seq_len)))
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset is an ordinary folder.
+    tmp = _make_temp_folder(output)
     try:
         tokens, token_info = {}, None
         if tokenize:
@@ -197,7 +250,7 @@ def convert(splits, output, *, source_format, source_path, seq_len=None, shards=
         schema.write_metadata(meta, tmp)
         _publish(tmp, output, overwrite)
     except BaseException:  # Includes KeyboardInterrupt: never leave the temp folder behind.
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.rmtree(tmp, ignore_errors=True)
         raise
     return meta
 
@@ -245,7 +298,8 @@ def build_parser():
                "that is not all zeros. --format synthetic needs no --input.")
     parser.add_argument("--format", required=True, choices=FORMATS, help="source layout")
     parser.add_argument("--input", help="pickle file (mmsa, mult) or folder (csd)")
-    parser.add_argument("--output", required=True, help="output folder (must not exist)")
+    parser.add_argument("--output", required=True,
+                        help="output folder (must not exist); local or gs://bucket/path")
     parser.add_argument("--seq_len", help="T or Tt,Ta,Tv; default: longest clip per modality")
     parser.add_argument("--shards", type=int, default=1, help="shards per split (default 1)")
     parser.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default="zero",
@@ -287,9 +341,9 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         seq_len = parse_seq_len(args.seq_len) if args.seq_len else None
-        output = os.path.abspath(args.output)
-        if os.path.exists(output) and not args.overwrite:
-            raise DataError(f"{output} already exists (pass --overwrite to replace it)")
+        output = storage.absolute(args.output)
+        if not args.overwrite and storage.exists(output):
+            _refuse_existing(output)
         print(f"reading {args.format} {args.input or ''}".rstrip(), file=sys.stderr, flush=True)
         splits, source_path = _read(args, seq_len)
         meta = convert(splits, output, source_format=args.format, source_path=source_path,
