@@ -306,3 +306,19 @@ def test_failed_publish_removes_the_partial_output(monkeypatch):
         _convert(remote, tokenize=False, sizes=(4, 2, 2))
     assert moved and not storage.exists(remote)
     assert storage.listdir(storage.dirname(remote)) == []
+
+
+def test_builtin_dataset_on_ram(monkeypatch):
+    from msa_xla.data import builtin
+
+    monkeypatch.setattr(builtin.synthetic, "MOSI_SPLIT_SIZES", (6, 3, 3))
+    monkeypatch.setattr(builtin.synthetic, "MOSI_DIMS", (5, 4, 3))
+    monkeypatch.setattr(builtin, "SEQ_LEN", 4)
+    path = _ram(builtin.NAME)
+    assert builtin.ensure_builtin_dataset(path) == path
+    meta = load_metadata(path)
+    assert meta["builtin_version"] == builtin.BUILTIN_VERSION and meta["tokens"]
+    stamp = storage.read_bytes(storage.join(path, "metadata.json"))
+    monkeypatch.setattr(builtin.writer, "convert", None)  # current: must not be written again
+    assert builtin.ensure_builtin_dataset(path) == path
+    assert storage.read_bytes(storage.join(path, "metadata.json")) == stamp

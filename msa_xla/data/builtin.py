@@ -9,12 +9,13 @@ the label is the known function of synthetic.py, so a working model visibly lear
 
 Location: `$MSA_XLA_DATA_HOME/builtin_synthetic` when that variable is set; else
 `<repo>/tfrecords/builtin_synthetic` when the package runs from a writable checkout (editable
-install); else `~/.cache/msa_xla/builtin_synthetic`.
+install); else `~/.cache/msa_xla/builtin_synthetic`. A remote location (gs://...) works too.
 """
 import os
 import shutil
 import tempfile
 
+from msa_xla import storage
 from msa_xla.data import schema, synthetic, writer
 
 NAME = "builtin_synthetic"
@@ -42,30 +43,40 @@ def _is_current(path):
     except schema.DataError:
         return False
     return meta.get("builtin_version") == BUILTIN_VERSION and all(
-        os.path.isfile(os.path.join(path, s["file"]))
+        storage.isfile(storage.join(path, s["file"]))
         for info in meta["splits"].values() for s in info["shards"])
+
+
+def _generate(output, overwrite=False, log=None):
+    splits = synthetic.generate(synthetic.MOSI_SPLIT_SIZES, seq_len=SEQ_LEN,
+                                dims=synthetic.MOSI_DIMS, seed=SEED)
+    writer.convert(splits, output, source_format="synthetic", source_path="builtin",
+                   seq_len=SEQ_LEN, tokenize=True, overwrite=overwrite,
+                   log=log or (lambda line: None),
+                   extra_metadata={"builtin_version": BUILTIN_VERSION,
+                                   "label_function": synthetic.__doc__.split("\n\n")[1].strip()})
 
 
 def ensure_builtin_dataset(path=None, *, log=None):
     """Create the built-in dataset unless a current one exists; return its folder.
 
-    Safe when several processes race: each writes to its own temporary folder and renames it into
-    place; a process that loses the rename uses the winner's folder and removes its own.
+    Safe when several local processes race: each writes to its own temporary folder and renames it
+    into place; a process that loses the rename uses the winner's folder and removes its own. A
+    remote folder is written by writer.convert (replacing a stale one); processes racing to create
+    it there are not coordinated, so create it once before starting several.
     """
-    path = os.path.abspath(path or os.path.join(default_home(), NAME))
+    path = storage.absolute(path or storage.join(default_home(), NAME))
     if _is_current(path):
+        return path
+    if storage.is_remote(path):
+        _generate(path, overwrite=True, log=log)
         return path
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{NAME}.build-", dir=parent)
     try:
         built = os.path.join(staging, NAME)
-        splits = synthetic.generate(synthetic.MOSI_SPLIT_SIZES, seq_len=SEQ_LEN,
-                                    dims=synthetic.MOSI_DIMS, seed=SEED)
-        writer.convert(splits, built, source_format="synthetic", source_path="builtin",
-                       seq_len=SEQ_LEN, tokenize=True, log=log or (lambda line: None),
-                       extra_metadata={"builtin_version": BUILTIN_VERSION,
-                                       "label_function": synthetic.__doc__.split("\n\n")[1].strip()})
+        _generate(built, log=log)
         if os.path.exists(path) and not _is_current(path):
             # A stale or broken folder (old version, interrupted copy): move it aside, then replace.
             os.rename(path, os.path.join(staging, "stale"))
