@@ -6,7 +6,7 @@
 `--model_dir` is a training workdir (its best_model.keras is used), a seed folder (model.keras), or
 a `.keras` file. Clips come in the dataset's source order; every clip is predicted (the last
 batch is padded to a static shape and the padding dropped). Exit code 2 with one `error:` line
-for a missing model or data.
+for a missing model or data. Model, data and CSV may each be local or remote (gs://...).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from msa_xla import storage  # noqa: E402
 from msa_xla.cli_errors import absl_flags_parser, report_error  # noqa: E402
 
 flags.DEFINE_string("model_dir", None, "Training workdir, seed folder, or .keras file.")
@@ -30,11 +31,11 @@ FLAGS = flags.FLAGS
 
 def find_model_file(model_dir: str) -> str:
     """The .keras file a --model_dir names (see module docstring)."""
-    if os.path.isfile(model_dir) and model_dir.endswith(".keras"):
+    if model_dir.endswith(".keras") and storage.isfile(model_dir):
         return model_dir
     for name in ("best_model.keras", "model.keras"):
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
+        path = storage.join(model_dir, name)
+        if storage.isfile(path):
             return path
     raise FileNotFoundError(f"no best_model.keras or model.keras in {model_dir}")
 
@@ -47,7 +48,7 @@ def clip_ids(data_dir: str, split: str) -> list[str]:
     from msa_xla.data.schema import ID_KEY
 
     meta = load_metadata(data_dir)
-    files = [os.path.join(data_dir, s["file"]) for s in meta["splits"][split]["shards"]]
+    files = [storage.join(data_dir, s["file"]) for s in meta["splits"][split]["shards"]]
     spec = {ID_KEY: tf.io.FixedLenFeature([], tf.string)}
     ids = tf.data.TFRecordDataset(files).batch(1024).map(
         lambda records: tf.io.parse_example(records, spec)[ID_KEY])
@@ -75,8 +76,8 @@ def predict_split(model, data_dir: str, split: str, batch_size: int = 32):
 
 
 def write_csv(path: str, ids, preds, labels) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    storage.makedirs(storage.dirname(storage.absolute(path)))
+    with storage.open_file(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "prediction", "label"])
         for clip, pred, label in zip(ids, preds, labels):
@@ -99,10 +100,12 @@ def main(argv) -> int:
         import msa_xla.models  # noqa: F401  registers the model classes for load_model
         from msa_xla.metrics import msa_metrics
 
-        model = keras.models.load_model(model_file)
+        with storage.as_oserror(model_file):  # a remote file is read through TF's filesystems
+            model = keras.models.load_model(model_file)
         ids, preds, labels = predict_split(model, data_dir, FLAGS.split, FLAGS.batch_size)
-        out_dir = FLAGS.model_dir if os.path.isdir(FLAGS.model_dir) else os.path.dirname(model_file)
-        output = FLAGS.output or os.path.join(out_dir, f"predictions_{FLAGS.split}.csv")
+        out_dir = FLAGS.model_dir if storage.isdir(FLAGS.model_dir) \
+            else storage.dirname(model_file)
+        output = FLAGS.output or storage.join(out_dir, f"predictions_{FLAGS.split}.csv")
         write_csv(output, ids, preds, labels)
     except (ValueError, DataError, FileNotFoundError, OSError) as error:
         return report_error(error)

@@ -322,3 +322,42 @@ def test_builtin_dataset_on_ram(monkeypatch):
     monkeypatch.setattr(builtin.writer, "convert", None)  # current: must not be written again
     assert builtin.ensure_builtin_dataset(path) == path
     assert storage.read_bytes(storage.join(path, "metadata.json")) == stamp
+
+
+# --- predict.py on ram:// ------------------------------------------------------------------------
+
+def _tiny_model(meta):
+    import tf_keras as keras
+
+    shapes = [(meta["modalities"][m]["seq_len"], meta["modalities"][m]["dim"])
+              for m in schema.MODALITIES]
+    features = [keras.Input(shape) for shape in shapes]
+    masks = [keras.Input((shape[0],), dtype="bool") for shape in shapes]
+    pooled = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling1D()(x)
+                                         for x in features])
+    return keras.Model(features + masks, keras.layers.Dense(1)(pooled))
+
+
+def test_predict_reads_and_writes_ram(pair):
+    from absl.testing import flagsaver
+
+    from msa_xla import predict
+
+    local, remote = pair
+    model_dir = _ram("run")
+    storage.makedirs(model_dir)
+    model = _tiny_model(load_metadata(remote))
+    model.save(storage.join(model_dir, "best_model.keras"))
+    assert predict.find_model_file(model_dir) == storage.join(model_dir, "best_model.keras")
+    assert predict.clip_ids(remote, "test") == predict.clip_ids(local, "test")
+
+    with flagsaver.flagsaver():  # the flag values set here are restored afterwards
+        predict.FLAGS(["predict", f"--model_dir={model_dir}", f"--data_dir={remote}",
+                       "--split=test", "--batch_size=4"])
+        assert predict.main([]) == 0
+    csv_path = storage.join(model_dir, "predictions_test.csv")
+    lines = storage.read_text(csv_path).splitlines()
+    assert lines[0] == "id,prediction,label" and len(lines) == 1 + SIZES[2]
+    assert [line.split(",")[0] for line in lines[1:]] == predict.clip_ids(local, "test")
+    ids, preds, labels = predict.predict_split(model, local, "test", 4)
+    assert [f"{p:.6f}" for p in preds] == [line.split(",")[1] for line in lines[1:]]
