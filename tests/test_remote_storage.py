@@ -1,5 +1,5 @@
-"""Remote storage (gs:// and the like) through tf.io.gfile, with TF's in-memory `ram://` filesystem as
-the stand-in for a bucket: it is per-process, so everything here runs in this process.
+"""Remote storage (gs:// and the like) through tf.io.gfile, with TF's in-memory `ram://`
+filesystem as the stand-in for a bucket: it is per-process, so everything here runs in this process.
 
 The data written, read and scanned on ram:// must equal what the local fast paths give."""
 import itertools
@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 from msa_xla import storage
-from msa_xla.data import DataError, load_metadata, make_dataset, schema, synthetic, writer
+from msa_xla.data import (DataError, integrity, load_metadata, make_dataset, schema, synthetic,
+                          writer)
 from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards
 
 SIZES = (20, 6, 9)
@@ -45,7 +46,8 @@ def pair(tmp_path_factory):
 
 
 def _files(folder):
-    return {name: storage.read_bytes(storage.join(folder, name)) for name in storage.listdir(folder)}
+    return {name: storage.read_bytes(storage.join(folder, name))
+            for name in storage.listdir(folder)}
 
 
 def _batches(data_dir, split, batch_size, take=None, **kwargs):
@@ -183,6 +185,8 @@ def test_missing_remote_shard_is_named(tmp_path):
     storage.remove(shard)
     with pytest.raises(DataError, match=f"^{shard}: shard listed in metadata.json is missing"):
         make_dataset(remote, "valid", 2)
+    with pytest.raises(DataError, match=f"^{shard}: cannot read shard \\(.*No such file"):
+        integrity.scan_file(shard)  # e.g. deleted between the listing and the scan
 
 
 def _record_offset(data, index):

@@ -309,6 +309,13 @@ def scan_file(path, expected=None, meta=None):
     """ShardReport of one TFRecord file (parsed and value-checked when `meta` is given); cached,
     unless the filesystem keeps no modification times (ram://): a rewritten file of the same size
     could not be told from the scanned one."""
+    try:
+        return _scan_file(path, expected, meta)
+    except OSError as err:  # unreadable (permissions, a bucket gone): one line naming the file
+        raise DataError(f"{path}: cannot read shard ({err})") from None
+
+
+def _scan_file(path, expected, meta):
     stat = storage.stat(path)
     spec_key = None if meta is None else json.dumps(
         [meta["modalities"], (meta.get("tokens") or {}).get("seq_len"),
