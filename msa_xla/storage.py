@@ -1,4 +1,5 @@
-"""Files and folders that may be local or remote (gs://, TF's in-memory ram://, any tf.io.gfile scheme).
+"""Files and folders that may be local or remote: gs://, TF's in-memory ram://, any tf.io.gfile
+scheme.
 
     from msa_xla import storage
     storage.is_remote("gs://bucket/run")                 # True: has a scheme://
@@ -7,8 +8,9 @@
     storage.write_json_atomic(path, results, indent=2)   # readers see the old file or the new one
     storage.read_json(path)
 
-Why two code paths: a local path keeps plain os/shutil/glob (fast, no TensorFlow needed, and callers
-may mmap it); only a path with a `scheme://` goes through `tf.io.gfile`, imported on first use.
+Why two code paths: a local path keeps plain os/shutil/glob (fast, and callers may mmap it); only
+a path with a `scheme://` goes through `tf.io.gfile` (TensorFlow is imported lazily, there: this
+module itself imports only the standard library).
 `os.path.abspath("gs://b/x")` would give "/cwd/gs:/b/x", so every path meant for users' data goes
 through `absolute` instead.
 
@@ -18,8 +20,9 @@ TensorFlow's own file ops (TFRecordWriter, keras saving) used on such a path.
 
 Object stores (GCS) have no folders, only names with '/' in them: `makedirs` is cheap there, a
 folder "exists" once a file is under it, `rename` of a file is copy-then-delete and `rmtree`
-deletes file by file. TF's ram:// lists and deletes only folders made with `makedirs`, so code
-that writes a folder calls `makedirs` first.
+deletes file by file. TF's ram:// (the tests' stand-in for gs://) lists and deletes only folders
+made with `makedirs`, so code that writes a folder calls `makedirs` first; and it appends to an
+existing file, so `open_file` removes an old ram:// file before writing it anew.
 """
 import builtins
 import contextlib
@@ -310,9 +313,9 @@ def write_json_atomic(path, value, **dump_kwargs):
     """Write `value` as JSON (`dump_kwargs` go to json.dumps, e.g. indent=2) so that a reader, or a
     crash, sees the old file or the new one, never half of one.
 
-    Local: a `path.tmp` file renamed over `path` (os.replace, atomic). Remote: the same through gfile;
-    GCS's rename is copy-then-delete, and each object write is atomic there anyway. Where the
-    filesystem has no rename, `path` is written directly."""
+    Local: a `path.tmp` file renamed over `path` (os.replace, atomic). Remote: the same through
+    gfile; GCS's rename is copy-then-delete, and each object write is atomic there anyway. Where
+    the filesystem has no rename, `path` is written directly."""
     text = json.dumps(value, **dump_kwargs) + "\n"
     tmp = f"{path}.tmp"
     if not is_remote(path):

@@ -6,9 +6,11 @@
         --output tfrecords/mosi_unaligned --seq_len 50,375,500 --shards 4
     python tools/convert_to_tfrecord.py --format csd --input cmu_mosi_csd/ --output tfrecords/mosi_csd
     python tools/convert_to_tfrecord.py --format synthetic --output tfrecords/synth --tokenize
+    python tools/convert_to_tfrecord.py --format mmsa --input aligned_50.pkl --output gs://bucket/mosi
 
 All the work lives in msa_xla.data.writer (layout in msa_xla.data.schema, which the reader uses too).
-Errors print one `error: ...` line and exit with code 2, leaving no output folder behind.
+Errors print one `error: ...` line and exit with code 2, leaving no output folder behind. The
+output may be local or remote (gs://...); --input is read from local disk.
 """
 import os
 import sys
