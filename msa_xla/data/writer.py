@@ -201,7 +201,7 @@ def _publish_remote(tmp, output, overwrite):
 
 
 def _make_temp_folder(output):
-    """A new, empty temporary sibling folder of `output` (same filesystem, so it renames cheaply)."""
+    """A new, empty temporary sibling folder of `output` (same filesystem: renames stay cheap)."""
     parent, base = storage.dirname(output), storage.basename(output)
     storage.makedirs(parent)
     if storage.is_remote(output):
