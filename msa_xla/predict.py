@@ -21,12 +21,19 @@ from absl import app, flags  # noqa: E402
 from msa_xla import storage  # noqa: E402
 from msa_xla.cli_errors import absl_flags_parser, report_error  # noqa: E402
 
-flags.DEFINE_string("model_dir", None, "Training workdir, seed folder, or .keras file.")
-flags.DEFINE_string("data_dir", None, "Dataset folder (default: the built-in synthetic dataset).")
-flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Split to predict.")
-flags.DEFINE_string("output", None, "CSV path (default <model_dir>/predictions_<split>.csv).")
-flags.DEFINE_integer("batch_size", 32, "Batch size for inference.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The CLI's flags; defined only when run as a program, so importing this module (for
+    `predict_split` or `run`) registers nothing in absl's global flags, where msa_xla.train defines
+    flags of the same names."""
+    flags.DEFINE_string("model_dir", None, "Training workdir, seed folder, or .keras file.")
+    flags.DEFINE_string("data_dir", None,
+                        "Dataset folder (default: the built-in synthetic dataset).")
+    flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Split to predict.")
+    flags.DEFINE_string("output", None, "CSV path (default <model_dir>/predictions_<split>.csv).")
+    flags.DEFINE_integer("batch_size", 32, "Batch size for inference.")
 
 
 def find_model_file(model_dir: str) -> str:
@@ -84,14 +91,17 @@ def write_csv(path: str, ids, preds, labels) -> None:
             writer.writerow([clip, f"{pred:.6f}", f"{label:.6f}"])
 
 
-def main(argv) -> int:
+def run(model_dir: str, data_dir: str | None = None, split: str = "test",
+        output: str | None = None, batch_size: int = 32) -> int:
+    """Predict `split` with the model `model_dir` names into a CSV (default
+    <model_dir>/predictions_<split>.csv); returns the exit code (2 after one `error:` line)."""
     from msa_xla.data import DataError, ensure_builtin_dataset
 
     try:
-        if not FLAGS.model_dir:
+        if not model_dir:
             raise ValueError("--model_dir is required")
-        model_file = find_model_file(FLAGS.model_dir)
-        data_dir = FLAGS.data_dir or ensure_builtin_dataset()
+        model_file = find_model_file(model_dir)
+        data_dir = data_dir or ensure_builtin_dataset()
         from msa_xla.data import load_metadata
 
         load_metadata(data_dir)  # a clear DataError before loading the model
@@ -102,10 +112,9 @@ def main(argv) -> int:
 
         with storage.as_oserror(model_file):  # a remote file is read through TF's filesystems
             model = keras.models.load_model(model_file)
-        ids, preds, labels = predict_split(model, data_dir, FLAGS.split, FLAGS.batch_size)
-        out_dir = FLAGS.model_dir if storage.isdir(FLAGS.model_dir) \
-            else storage.dirname(model_file)
-        output = FLAGS.output or storage.join(out_dir, f"predictions_{FLAGS.split}.csv")
+        ids, preds, labels = predict_split(model, data_dir, split, batch_size)
+        out_dir = model_dir if storage.isdir(model_dir) else storage.dirname(model_file)
+        output = output or storage.join(out_dir, f"predictions_{split}.csv")
         write_csv(output, ids, preds, labels)
     except (ValueError, DataError, FileNotFoundError, OSError) as error:
         return report_error(error)
@@ -115,5 +124,10 @@ def main(argv) -> int:
     return 0
 
 
+def main(argv) -> int:
+    return run(FLAGS.model_dir, FLAGS.data_dir, FLAGS.split, FLAGS.output, FLAGS.batch_size)
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=absl_flags_parser(FLAGS))

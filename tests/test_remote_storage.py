@@ -343,9 +343,7 @@ def _tiny_model(meta):
 
 
 def test_predict_reads_and_writes_ram(pair):
-    from absl.testing import flagsaver
-
-    from msa_xla import predict
+    from msa_xla import predict  # defines no absl flags on import (msa_xla.train does)
 
     local, remote = pair
     model_dir = _ram("run")
@@ -355,10 +353,7 @@ def test_predict_reads_and_writes_ram(pair):
     assert predict.find_model_file(model_dir) == storage.join(model_dir, "best_model.keras")
     assert predict.clip_ids(remote, "test") == predict.clip_ids(local, "test")
 
-    with flagsaver.flagsaver():  # the flag values set here are restored afterwards
-        predict.FLAGS(["predict", f"--model_dir={model_dir}", f"--data_dir={remote}",
-                       "--split=test", "--batch_size=4"])
-        assert predict.main([]) == 0
+    assert predict.run(model_dir, remote, "test", batch_size=4) == 0
     csv_path = storage.join(model_dir, "predictions_test.csv")
     lines = storage.read_text(csv_path).splitlines()
     assert lines[0] == "id,prediction,label" and len(lines) == 1 + SIZES[2]
