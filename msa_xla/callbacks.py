@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import signal
 import time
 
 import tf_keras as keras
 
-from msa_xla.checkpointing import CheckpointCallback
+from msa_xla.checkpointing import RunCheckpoint
 
 MONITOR = "val_MAE"
 
@@ -83,40 +84,140 @@ class PlateauLR(keras.callbacks.ReduceLROnPlateau):
             self.cooldown_counter, self._pending = self._pending["cooldown_counter"], None
 
 
-class NanGuard(keras.callbacks.Callback):
-    """Stops with a clear message when the training loss is NaN or infinite."""
+class EpochStepCounter(keras.callbacks.Callback):
+    """Counts global train steps from Keras' batch indices, never by reading the device.
+
+    With `steps_per_execution=k`, tf_keras calls the batch hooks once per execution of k
+    steps, with `batch` = the epoch-relative index of the execution's last step (and of its
+    first in `on_train_batch_begin`; a mid-epoch resume starts the epoch at its resume step).
+    Reading `optimizer.iterations` instead would be one more blocking device read per
+    execution: on TPU, a host round trip that stalls the next execution.
+    `_supports_tf_logs`: the logs stay tensors; tf_keras converts every log to numpy on each
+    batch as soon as one batch callback does not declare this.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._supports_tf_logs = True  # (Callback.__init__ sets it False on the instance)
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def steps_done(self, batch: int) -> int:
+        """Global steps completed once the execution ending at epoch-relative `batch` is done."""
+        return self._epoch * self.params["steps"] + batch + 1
+
+
+class NanGuard(EpochStepCounter):
+    """Stops with a clear message when the training loss is NaN or infinite.
+
+    Checked once per execution: its one read of the loss is the only host synchronisation of
+    the trainer's batch hooks (callbacks after it see a finished execution).
+    """
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            step = int(self.model.optimizer.iterations.numpy())
+        if loss is None:
+            return
+        loss = float(loss)  # waits for the execution: the one read per execution
+        if not math.isfinite(loss):
             raise TrainingDiverged(
-                f"training loss is {loss} at step {step}; stopped (try a lower --learning_rate "
-                "or --clipnorm=1.0)")
+                f"training loss is {loss} at step {self.steps_done(batch)}; stopped (try a lower "
+                "--learning_rate or --clipnorm=1.0)")
 
 
-class Throughput(keras.callbacks.Callback):
-    """Training samples/s, excluding the first execution (tracing and XLA compilation)."""
+class Throughput(EpochStepCounter):
+    """Training samples/s, excluding the first execution (tracing and XLA compilation).
+
+    Times each execution from its batch-begin hook to its batch-end hook; it must come after
+    NanGuard in the callback list, whose read of the loss is what waits for the execution.
+    """
 
     def __init__(self, global_batch: int):
         super().__init__()
         self.global_batch = global_batch
-        self.steps, self.seconds, self._start, self._last_step = 0, 0.0, None, None
+        self.steps, self.seconds = 0, 0.0
+        self._start, self._first_batch, self._executions = None, None, 0
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-        self._step_before = int(self.model.optimizer.iterations.numpy())
+        self._start, self._first_batch = time.perf_counter(), batch
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())  # syncs: the step really finished
-        if self._last_step is not None:
-            self.steps += step - self._step_before
+        if self._executions:
+            self.steps += batch - self._first_batch + 1
             self.seconds += time.perf_counter() - self._start
-        self._last_step = step
+        self._executions += 1
 
     @property
     def samples_per_second(self) -> float:
         return self.steps * self.global_batch / self.seconds if self.seconds else 0.0
+
+
+class CheckpointCallback(EpochStepCounter):
+    """Saves every `every` steps, at each epoch end and on SIGTERM; goes last in the list.
+
+    A mid-epoch checkpoint is written at the end of the first execution after which at least
+    `every` steps have passed since the last save: with `steps_per_execution=k` the batch hooks
+    run once per k steps, so a save test of `step % every == 0` would skip every checkpoint
+    whose step is not a multiple of k. Steps are counted from Keras' batch indices (no device
+    read per execution; see EpochStepCounter).
+
+    Args:
+      run_checkpoint: the seed's RunCheckpoint.
+      every: steps between mid-epoch checkpoints (0: epoch ends only).
+      stateful_callbacks: {name: callback with get_state()/set_state()} saved alongside.
+      epoch_of_step: step -> epochs completed (to record progress).
+    """
+
+    def __init__(self, run_checkpoint: RunCheckpoint, every: int, stateful_callbacks: dict,
+                 epoch_of_step):
+        super().__init__()
+        self.run_checkpoint, self.every = run_checkpoint, int(every)
+        self.stateful_callbacks, self.epoch_of_step = stateful_callbacks, epoch_of_step
+        self.preempted = False
+        self.saved_steps = []  # steps of the checkpoints this callback wrote, in order
+        self._sigterm = False
+        self._last_saved = None
+        self._previous_handler = None
+
+    def _state(self) -> dict:
+        return {"epochs_done": self.epoch_of_step(self.run_checkpoint.step),
+                "callbacks": {name: cb.get_state()
+                              for name, cb in self.stateful_callbacks.items()}}
+
+    def save(self):
+        step = self.run_checkpoint.step  # a device read, once per save
+        if step != self._last_saved:
+            self.run_checkpoint.save(self._state())
+            self._last_saved = step
+            self.saved_steps.append(step)
+
+    def on_train_begin(self, logs=None):
+        self._last_saved = self.run_checkpoint.step
+        try:
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: no preemption handling
+            self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        self._sigterm = True  # acted on at the end of the current execution
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._sigterm:
+            self.save()
+            self.preempted = True
+            self.model.stop_training = True
+            return
+        if self.every and self.steps_done(batch) - self._last_saved >= self.every:
+            self.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.save()
+
+    def on_train_end(self, logs=None):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
 
 
 def _profile_callback(cfg, chief: bool):

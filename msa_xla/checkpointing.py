@@ -32,10 +32,8 @@ import glob
 import json
 import os
 import shutil
-import signal
 
 import tensorflow as tf
-import tf_keras as keras
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -185,66 +183,3 @@ def _write_json(path, value):
     with open(tmp, "w") as f:
         json.dump(value, f, indent=1, sort_keys=True)
     os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
-
-
-# ----------------------------------------------------------------------------------------------
-# the callback
-# ----------------------------------------------------------------------------------------------
-
-
-class CheckpointCallback(keras.callbacks.Callback):
-    """Saves every `every` steps, at each epoch end and on SIGTERM; goes last in the list.
-
-    Args:
-      run_checkpoint: the seed's RunCheckpoint.
-      every: steps between mid-epoch checkpoints (0: epoch ends only).
-      stateful_callbacks: {name: callback with get_state()/set_state()} saved alongside.
-      epoch_of_step: step -> epochs completed (to record progress).
-    """
-
-    def __init__(self, run_checkpoint: RunCheckpoint, every: int, stateful_callbacks: dict,
-                 epoch_of_step):
-        super().__init__()
-        self.run_checkpoint, self.every = run_checkpoint, int(every)
-        self.stateful_callbacks, self.epoch_of_step = stateful_callbacks, epoch_of_step
-        self.preempted = False
-        self._sigterm = False
-        self._last_saved = None
-        self._previous_handler = None
-
-    def _state(self) -> dict:
-        return {"epochs_done": self.epoch_of_step(self.run_checkpoint.step),
-                "callbacks": {name: cb.get_state()
-                              for name, cb in self.stateful_callbacks.items()}}
-
-    def save(self):
-        step = self.run_checkpoint.step
-        if step != self._last_saved:
-            self.run_checkpoint.save(self._state())
-            self._last_saved = step
-
-    def on_train_begin(self, logs=None):
-        self._last_saved = self.run_checkpoint.step
-        try:
-            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread: no preemption handling
-            self._previous_handler = None
-
-    def _on_sigterm(self, signum, frame):
-        self._sigterm = True  # acted on at the end of the current step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._sigterm:
-            self.save()
-            self.preempted = True
-            self.model.stop_training = True
-            return
-        if self.every and self.run_checkpoint.step % self.every == 0:
-            self.save()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.save()
-
-    def on_train_end(self, logs=None):
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)

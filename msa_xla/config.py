@@ -67,7 +67,7 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "auto"
     jit_compile: str = "auto"
-    steps_per_execution: int = 1
+    steps_per_execution: int = 0  # 0 = auto: train_step.steps_per_execution_for
     # optimisation
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = 32  # global, over all replicas
@@ -91,15 +91,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"--{name}={value} is not one of {', '.join(choices)}")
-        positive = ("model_dim", "num_heads", "ff_dim", "n_layers_mod", "epochs", "batch_size",
-                    "steps_per_execution")
+        positive = ("model_dim", "num_heads", "ff_dim", "n_layers_mod", "epochs", "batch_size")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate} must be > 0")
-        if self.clipnorm < 0 or self.checkpoint_every < 0:
-            raise ValueError("--clipnorm and --checkpoint_every must be >= 0")
+        for name in ("clipnorm", "checkpoint_every", "steps_per_execution"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"--dropout_rate={self.dropout_rate} must be in [0, 1)")
         if not self.seeds:

@@ -82,6 +82,7 @@ def _build_window_class():
 
         def __init__(self, profile_steps, logdir: str, log=None):
             super().__init__()
+            self._supports_tf_logs = True  # the batch hooks never read the logs
             first, last = (int(s) for s in profile_steps)
             if not 0 <= first <= last:
                 raise ValueError(f"profile_steps={profile_steps}: expected A,B with 0 <= A <= B")
@@ -90,12 +91,19 @@ def _build_window_class():
             self.captured = False  # True once a window was written
             self.steps_captured = None  # (first, last) global steps of the written window
             self._start_step = None
+            self._epoch, self._steps_per_execution = 0, 1
 
         # -- hooks: start just before a step in the window, stop just after the window --------
+        # Outside the window no hook reads the device: the next step's number comes from
+        # Keras' batch index (one read of `optimizer.iterations` per epoch begin, where a
+        # resumed run's first epoch starts mid-way).
         def on_train_begin(self, logs=None):
+            spe = getattr(self.model, "_steps_per_execution", None)
+            self._steps_per_execution = int(spe.numpy()) if spe is not None else 1
             self._maybe_start()
 
         def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
             self._maybe_start()
 
         def on_train_batch_begin(self, batch, logs=None):
@@ -103,8 +111,9 @@ def _build_window_class():
 
         def on_train_batch_end(self, batch, logs=None):
             steps = (self.params or {}).get("steps")
-            if steps is None or batch + 1 < steps:  # the next step is in this epoch
-                self._maybe_start()  # (otherwise validation runs first: start at epoch begin)
+            if steps is not None and batch + 1 < steps:  # the next step is in this epoch
+                self._maybe_start(self._epoch * steps + batch + 1)
+            # (otherwise validation runs first: start at epoch begin)
 
         def on_test_begin(self, logs=None):
             self._maybe_stop()
@@ -124,14 +133,14 @@ def _build_window_class():
             context.async_wait()
             return step
 
-        def _maybe_start(self):
+        def _maybe_start(self, step=None):
+            """Starts if the execution about to run (from global `step`) reaches the window."""
             if self.active or self.captured:
                 return
-            step = int(self.model.optimizer.iterations.numpy())  # the step about to run
-            spe = getattr(self.model, "_steps_per_execution", None)
-            spe = int(spe.numpy()) if spe is not None else 1
+            if step is None:
+                step = int(self.model.optimizer.iterations.numpy())
             # One execution runs steps step .. step+spe-1: start if it reaches into the window.
-            if not (step + spe - 1 >= self.first and step <= self.last):
+            if not (step + self._steps_per_execution - 1 >= self.first and step <= self.last):
                 return
             self._sync()
             try:

@@ -19,11 +19,15 @@ from msa_xla.checkpointing import RunCheckpoint, _write_json, sync_from_chief
 from msa_xla.metrics import MSAMetrics
 from msa_xla.models import MODELS
 from msa_xla.train_input import eval_data, train_data
-from msa_xla.train_step import install_split_step, make_optimizer, plan_jit
+from msa_xla.train_step import (install_split_step, make_optimizer, plan_jit,
+                                steps_per_execution_for)
 
 
 def _build_model(cfg, meta, strategy, seed):
     """Model + optimizer under the strategy, compiled for the chosen XLA plan."""
+    steps_per_epoch = meta["splits"]["train"]["count"] // cfg.batch_size
+    steps_per_execution = steps_per_execution_for(cfg.steps_per_execution, strategy,
+                                                  steps_per_epoch)
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     per_replica = cfg.batch_size // strategy.num_replicas_in_sync
@@ -33,7 +37,7 @@ def _build_model(cfg, meta, strategy, seed):
         optimizer = make_optimizer(cfg.learning_rate, cfg.clipnorm)
         plan = plan_jit(cfg.jit_compile, strategy, model)
         model.compile(optimizer=optimizer, loss="mae", weighted_metrics=[MSAMetrics()],
-                      jit_compile=plan.compile_jit, steps_per_execution=cfg.steps_per_execution)
+                      jit_compile=plan.compile_jit, steps_per_execution=steps_per_execution)
         # Per-replica logs: without merge_call (GPUs under XLA) every replica returns the
         # already all-reduced metric values, which tf_keras' default "sum" would add up; with
         # merge_call they are one value. "first" is right in both cases.
@@ -42,7 +46,7 @@ def _build_model(cfg, meta, strategy, seed):
         model.optimizer.build(model.trainable_variables)
     if plan.mode == "split_step":
         install_split_step(model)
-    return model, plan
+    return model, plan, steps_per_execution
 
 
 def _verbosity(cfg, chief):
@@ -69,9 +73,9 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     total_steps = steps_per_epoch * cfg.epochs
 
     # ---- model and step -----------------------------------------------------------------------
-    model, plan = _build_model(cfg, meta, strategy, seed)
+    model, plan, steps_per_execution = _build_model(cfg, meta, strategy, seed)
     log(f"seed {seed}: {cfg.model} with {model.count_params():,} parameters; XLA: "
-        f"{plan.description}")
+        f"{plan.description}; {steps_per_execution} step(s) per execution")
 
     # ---- checkpoint ---------------------------------------------------------------------------
     identity = {**cfg.checkpoint_identity(), "seed": seed,
@@ -135,6 +139,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         "history": history,  # per epoch of this process (a resumed run: from the resume on)
         "jit": plan.mode,
         "jit_description": plan.description,
+        "steps_per_execution": steps_per_execution,
         "model_path": keras_path,
     }
     _write_json(result_path, result)

@@ -67,7 +67,7 @@ flags.DEFINE_enum("jit_compile", _D.jit_compile, CHOICES["jit_compile"],
                   "no step compilation (the fused attention kernel is still XLA).")
 flags.DEFINE_integer("steps_per_execution", _D.steps_per_execution,
                      "Train steps per call into the compiled function (>1 cuts host overhead on "
-                     "TPU).")
+                     "TPU/GPU). 0 = auto: min(100, steps per epoch) on TPU and GPU, 1 on CPU.")
 flags.DEFINE_integer("epochs", DEFAULT_EPOCHS, "Maximum epochs (early stopping may end sooner).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")

@@ -60,6 +60,30 @@ def plan_jit(jit_flag: str, strategy, model) -> JitPlan:
                                  f"(no XLA collectives on {device_platform(strategy)})")
 
 
+AUTO_STEPS_PER_EXECUTION = 100  # Model Garden's Orbit loops run hundreds of steps a host call
+
+
+def steps_per_execution_for(flag_value: int, strategy, steps_per_epoch: int) -> int:
+    """Train steps per host call: the flag if set, else automatic by platform.
+
+    On TPU and GPU each host call into the step costs a round trip the device waits for, so
+    'auto' (0) runs up to `AUTO_STEPS_PER_EXECUTION` steps per call, at most one epoch (Keras
+    ends an execution at the epoch's end anyway). On CPU the host is the device: 1.
+    The batch callbacks then run once per execution (callbacks.EpochStepCounter).
+
+    Example:
+      >>> steps_per_execution_for(0, tf.distribute.OneDeviceStrategy("/cpu:0"), 40)
+      1
+      >>> steps_per_execution_for(8, tf.distribute.OneDeviceStrategy("/cpu:0"), 40)
+      8
+    """
+    if flag_value:
+        return int(flag_value)
+    if device_platform(strategy) == "CPU":
+        return 1
+    return max(1, min(AUTO_STEPS_PER_EXECUTION, int(steps_per_epoch)))
+
+
 def _gradients(model, x, y, sample_weight):
     """Default forward + loss + backward, the Keras train_step up to the update."""
     optimizer = model.optimizer

@@ -138,3 +138,95 @@ def test_gpu_path_progress_logs_are_not_multiplied_by_the_replica_count(token_da
     expected = float(np.mean(np.abs(np.concatenate(predictions) - np.concatenate(labels))))
     assert seen[-1] == pytest.approx(expected, rel=1e-4)
     assert logs["MAE"] == pytest.approx(expected, rel=1e-4)
+
+
+# ---- 7: CPU-only rewrites stay on CPU; dropout and attention numerics in 16-bit ------------------
+def _trace_linear_gradient(device=None, tpu=False):
+    """(platform seen, op types) of a jit-compiled `linear` forward + backward, traced (not run)
+    inside a device scope or a TPU replicate context, as the strategies trace a replica."""
+    import contextlib
+
+    from msa_xla.compat import xla_target_platform
+    from msa_xla.kernels import linear
+
+    platforms = []
+
+    @tf.function(jit_compile=True)
+    def step(x, kernel, bias):
+        scope = tf.device(device) if device else contextlib.nullcontext()
+        context = None
+        if tpu:  # what TPUStrategy.run traces the replica function in
+            from tensorflow.python.tpu import tpu_replication
+
+            context = tpu_replication.TPUReplicateContext(b"cluster", 1, pivot=tf.no_op())
+            context.Enter()
+        try:
+            with scope:
+                platforms.append(xla_target_platform())
+                with tf.GradientTape() as tape:
+                    tape.watch([kernel, bias])
+                    out = linear(x, kernel, bias)
+                return tape.gradient(out, [kernel, bias])
+        finally:
+            if context is not None:
+                context.Exit()
+
+    args = (tf.TensorSpec([2, 5, 4]), tf.TensorSpec([4, 3]), tf.TensorSpec([3]))
+    graph = step.get_concrete_function(*args).graph
+    return platforms[0], {op.type for op in graph.get_operations()}
+
+
+def test_projection_bias_gradient_rewrite_runs_on_xla_cpu_only(monkeypatch):
+    # The [x, 1] concatenation is the XLA:CPU rewrite (kernels/projection.py).
+    platform, ops = _trace_linear_gradient()
+    assert platform == "CPU" and "ConcatV2" in ops and "Sum" not in ops
+    platform, ops = _trace_linear_gradient(device="/device:GPU:0")
+    assert platform == "GPU" and "ConcatV2" not in ops and "Sum" in ops
+    platform, ops = _trace_linear_gradient(tpu=True)
+    assert platform == "TPU" and "ConcatV2" not in ops and "Sum" in ops
+    # No device scope (a jit-compiled step runs where its caller is placed): a host with GPUs
+    # places it on the first GPU.
+    real = tf.config.list_logical_devices
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: ["/GPU:0"] if kind == "GPU" else real(kind))
+    platform, ops = _trace_linear_gradient()
+    assert platform == "GPU" and "ConcatV2" not in ops
+
+
+@pytest.mark.parametrize("dtype", [tf.bfloat16, tf.float16])
+def test_hashed_dropout_keeps_the_mean_in_16_bit(dtype):
+    # Against the mask actually drawn: kept values must be x / keep_probability up to the
+    # rounding of each value (unbiased), not x times a scale rounded to 16 bits (1/0.899994 is
+    # 1.109375 in bfloat16: every kept value 0.16% too small).
+    from msa_xla.layers import Dropout
+    from msa_xla.layers.dropout import quantized_keep_probability
+
+    policy = "mixed_bfloat16" if dtype == tf.bfloat16 else "mixed_float16"
+    layer = Dropout(0.1, dtype=policy)  # computes in `dtype`, as inside a mixed-precision model
+    x = tf.cast(tf.random.stateless_uniform([256, 4096], seed=[1, 2], minval=1.0, maxval=2.0),
+                dtype)
+    out = tf.function(lambda x: layer(x, training=True), jit_compile=True)(x)
+    assert out.dtype == dtype
+    kept = (out != 0).numpy()
+    assert 0.89 < kept.mean() < 0.91
+    x64, out64 = x.numpy().astype(np.float64), out.numpy().astype(np.float64)
+    expected = x64[kept].sum() / quantized_keep_probability(0.1)
+    assert abs(out64.sum() / expected - 1.0) < 2e-4
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference", "chunked"])
+def test_attention_logits_beyond_float16_range_stay_finite(impl):
+    from msa_xla.kernels import masked_attention
+
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 6, 2, 8)) * 200.0  # |q.k| / sqrt(8) ~ 1e5 > 65504
+    k = rng.normal(size=(2, 7, 2, 8)) * 200.0
+    v = rng.normal(size=(2, 7, 2, 8))
+    kv_mask = tf.sequence_mask([7, 4], 7)
+    expected = masked_attention(*(tf.constant(t, tf.float32) for t in (q, k, v)),
+                                kv_mask=kv_mask, impl="reference")
+    out = masked_attention(*(tf.constant(t, tf.float16) for t in (q, k, v)), kv_mask=kv_mask,
+                           impl=impl)
+    assert out.dtype == tf.float16
+    assert np.isfinite(out.numpy()).all()
+    np.testing.assert_allclose(out.numpy().astype(np.float32), expected.numpy(), atol=2e-2)

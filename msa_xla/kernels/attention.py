@@ -24,10 +24,7 @@ import math
 
 import tensorflow as tf
 
-try:  # Private but stable since TF 1.x; without it we always call the compiled unit.
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
-except ImportError:  # pragma: no cover
-    GraphOrParentsInXlaContext = None
+from msa_xla.compat import in_xla_context
 
 ATTENTION_IMPLS = ("reference", "fused", "chunked")
 DEFAULT_BLOCK_SIZE = 128
@@ -97,6 +94,10 @@ def _reference(q, k, v, q_mask, kv_mask):
 
 def _attention_math(q, k, v, q_mask, kv_mask):
     """The fused path: matmuls in the input dtype, logits and softmax in float32."""
+    if q.dtype == tf.float16:
+        # float16 tops out at 65504: q.k of activations in the hundreds overflows to inf and
+        # the softmax gives NaN. bfloat16 has float32's range and keeps its fast matmul.
+        q, k = tf.cast(q, tf.float32), tf.cast(k, tf.float32)
     scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     logits = tf.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, H, Tq, Tk)
     logits = tf.cast(logits, tf.float32)
@@ -115,13 +116,6 @@ def _attention_math(q, k, v, q_mask, kv_mask):
 
 _fused_xla = tf.function(_attention_math, jit_compile=True, autograph=False,
                          reduce_retracing=False)
-
-
-def in_xla_context():
-    """True while tracing inside a jit-compiled function (e.g. `compile(jit_compile=True)`)."""
-    if GraphOrParentsInXlaContext is None or tf.executing_eagerly():
-        return False
-    return GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _fused(q, k, v, q_mask, kv_mask):

@@ -8,12 +8,13 @@ on a `--profile_steps` capture). Here, inside an XLA computation, the bias gradi
 comes out of the weight-gradient matmul: that matmul gets one more input column of ones,
 ``[x, 1]^T @ dy``, whose last row is the bias gradient. It costs one more row of the output
 and a copy of ``x``; the column sum is gone.
-Outside XLA the plain ops and TF's own gradients run (their BiasAddGrad kernel is fast).
+Outside XLA, and inside XLA on TPU or GPU (whose column sums are fast), the plain ops and TF's
+own gradients run.
 """
 
 import tensorflow as tf
 
-from msa_xla.kernels.attention import in_xla_context
+from msa_xla.compat import xla_target_platform
 
 
 def linear(x, kernel, bias=None):
@@ -30,7 +31,7 @@ def linear(x, kernel, bias=None):
     """
     if bias is None:
         return _matmul_last_axis(x, kernel)
-    if in_xla_context():
+    if xla_target_platform() == "CPU":  # the rewrite is for XLA:CPU only (module docstring)
         return _linear_bias_grad_in_matmul(x, kernel, bias)
     return _matmul_last_axis(x, kernel) + bias
 

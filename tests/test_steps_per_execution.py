@@ -1,0 +1,138 @@
+"""Several train steps per host call (what TPU and GPU runs use by default): same weights as one
+step per call, one host synchronisation per execution, mid-epoch checkpoints still written."""
+import numpy as np
+import pytest
+import tf_keras as keras
+from tensorflow.python.framework import ops as tf_ops
+
+from msa_xla import seed_run
+from msa_xla.config import TrainConfig
+from msa_xla.train_step import AUTO_STEPS_PER_EXECUTION, steps_per_execution_for
+from tests.train_helpers import make_tiny_dataset, model_weights
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    # 96 training clips at batch 8: 12 steps an epoch, 3 executions of 4.
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=(96, 16, 24))
+
+
+@pytest.fixture(autouse=True)
+def _legacy_rng_after():
+    yield
+    keras.backend.experimental.disable_tf_random_generator()  # run() enables it process-wide
+
+
+def tiny_config(data_dir, workdir, **overrides):
+    values = dict(data_dir=data_dir, workdir=str(workdir), model_dim=16, num_heads=2, ff_dim=32,
+                  n_layers_mod=1, n_layers_fuse=1, batch_size=8, learning_rate=3e-3, epochs=2,
+                  verbose=0, checkpoint_every=0, seeds=(5,))
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _train(cfg):
+    from msa_xla.train import run
+
+    assert run(cfg) == 0
+    return model_weights(f"{cfg.workdir}/seed_5/model.keras")
+
+
+@pytest.mark.parametrize("model", ["seqlevel", "balanced"])  # balanced: its own train_step
+def test_four_steps_per_execution_give_the_same_weights_as_one(data_dir, tmp_path, model):
+    one = _train(tiny_config(data_dir, tmp_path / "one", model=model, steps_per_execution=1))
+    four = _train(tiny_config(data_dir, tmp_path / "four", model=model, steps_per_execution=4))
+    assert len(one) == len(four)
+    for a, b in zip(one, four):
+        np.testing.assert_array_equal(a, b)
+
+
+class _SyncCounter:
+    """Counts reads of device values into Python (`EagerTensor._numpy`, which `.numpy()`,
+    `float()` and variable reads go through) in each execution's batch hooks."""
+
+    def __init__(self, monkeypatch):
+        self.reads = 0
+        real = tf_ops._EagerTensorBase._numpy
+
+        def counting(tensor):
+            self.reads += 1
+            return real(tensor)
+
+        monkeypatch.setattr(tf_ops._EagerTensorBase, "_numpy", counting)
+        self.per_execution = []
+        counter = self
+
+        class First(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self._supports_tf_logs = True
+
+            def on_train_batch_begin(self, batch, logs=None):
+                counter._start = counter.reads
+
+        class Last(First):
+            def on_train_batch_begin(self, batch, logs=None):
+                pass
+
+            def on_train_batch_end(self, batch, logs=None):
+                counter.per_execution.append(counter.reads - counter._start)
+
+        self.first, self.last = First(), Last()
+
+
+def test_one_host_read_per_execution_in_the_batch_hooks(data_dir, tmp_path, monkeypatch):
+    counter = _SyncCounter(monkeypatch)
+    real_build = seed_run.build_callbacks
+
+    def build_with_probes(*args, **kwargs):
+        callbacks, handles = real_build(*args, **kwargs)
+        return [counter.first] + callbacks + [counter.last], handles
+
+    monkeypatch.setattr(seed_run, "build_callbacks", build_with_probes)
+    _train(tiny_config(data_dir, tmp_path / "run", steps_per_execution=4, checkpoint_every=5,
+                       profile_steps=(20, 22), profile_dir=str(tmp_path / "profile")))
+    # 2 epochs x 3 executions, ending at steps 4, 8, 12 | 16, 20, 24. The NaN check's read of
+    # the loss is the only read of each, except: the run's first execution, after which
+    # TensorBoard writes the train graph once (it checks whether summaries are recorded); the
+    # executions after which a mid-epoch checkpoint is written (steps 8 and 20: a save reads
+    # the step and writes every variable); and the profile window's two ends (steps 20, 24:
+    # it waits for the device at both ends).
+    executions = counter.per_execution
+    assert len(executions) == 6
+    assert executions[0] == 2, executions
+    assert [executions[i] for i in (2, 3)] == [1, 1], executions
+    assert min(executions[i] for i in (1, 4, 5)) >= 1, executions
+
+
+def test_mid_epoch_checkpoints_with_steps_not_dividing_checkpoint_every(data_dir, tmp_path,
+                                                                        monkeypatch):
+    saved = {}
+    real_build = seed_run.build_callbacks
+
+    def keep_handles(*args, **kwargs):
+        callbacks, handles = real_build(*args, **kwargs)
+        saved["checkpoint"] = handles["checkpoint"]
+        return callbacks, handles
+
+    monkeypatch.setattr(seed_run, "build_callbacks", keep_handles)
+    _train(tiny_config(data_dir, tmp_path / "run", steps_per_execution=4, checkpoint_every=6))
+    # Executions end at steps 4, 8, 12 | 16, 20, 24: mid-epoch saves once 6 steps have passed
+    # (8, 20), and every epoch end (12, 24).
+    assert saved["checkpoint"].saved_steps == [8, 12, 20, 24]
+
+
+def test_auto_steps_per_execution_by_platform():
+    import tensorflow as tf
+
+    cpu = tf.distribute.OneDeviceStrategy("/cpu:0")
+    assert steps_per_execution_for(0, cpu, 40) == 1
+    assert steps_per_execution_for(3, cpu, 40) == 3
+
+    class FakeGpuStrategy:  # device_platform reads the strategy's worker devices
+        class extended:
+            worker_devices = ("/job:localhost/replica:0/task:0/device:GPU:0",)
+
+    assert steps_per_execution_for(0, FakeGpuStrategy(), 40) == 40  # at most one epoch
+    assert steps_per_execution_for(0, FakeGpuStrategy(), 10 ** 4) == AUTO_STEPS_PER_EXECUTION
+    assert steps_per_execution_for(7, FakeGpuStrategy(), 10 ** 4) == 7
