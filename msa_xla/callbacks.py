@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import signal
 import time
 
 import tf_keras as keras
 
+from msa_xla import storage
 from msa_xla.checkpointing import RunCheckpoint
 
 MONITOR = "val_MAE"
@@ -26,15 +26,23 @@ class TrainingDiverged(RuntimeError):
 class EarlyStoppingBest(keras.callbacks.Callback):
     """EarlyStopping on `val_MAE` (min), best weights saved to disk and restored at the end.
 
-    Unlike keras.callbacks.EarlyStopping the best weights live in a file (so they survive a
+    Unlike keras.callbacks.EarlyStopping the best weights live in files (so they survive a
     crash and a resume) and are restored whenever training ends, stopped early or not.
+    Each new best is written under a new name, `<best_dir>/epoch-<e>`, never over the last
+    one: a crash mid-write leaves the previous best intact, and object stores and TF's ram://
+    need no overwrite (ram:// appends to a file written twice). The two newest are kept: the
+    checkpoint that records `best_epoch` is written just after, so a resumed run may name
+    either.
     """
 
-    def __init__(self, patience: int, best_path: str, monitor: str = MONITOR):
+    def __init__(self, patience: int, best_dir: str, monitor: str = MONITOR):
         super().__init__()
-        self.patience, self.best_path, self.monitor = int(patience), best_path, monitor
+        self.patience, self.best_dir, self.monitor = int(patience), best_dir, monitor
         self.best, self.best_epoch, self.wait, self.stopped_epoch = math.inf, -1, 0, -1
         self._pending = None
+
+    def weights_path(self, epoch: int) -> str:
+        return storage.join(self.best_dir, f"epoch-{epoch}")
 
     def get_state(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
@@ -53,16 +61,29 @@ class EarlyStoppingBest(keras.callbacks.Callback):
             return
         if value < self.best:
             self.best, self.best_epoch, self.wait = float(value), epoch, 0
-            self.model.save_weights(self.best_path)
+            # Files of this epoch can only be left over from a run interrupted after them and
+            # before its checkpoint (e.g. preempted: Keras still ends the epoch); no state names
+            # them. Removed first, as ram:// would append to them.
+            for stale in storage.glob(self.weights_path(epoch) + ".*"):
+                storage.remove(stale)
+            self.model.save_weights(self.weights_path(epoch))
+            self._remove_older_than_two()
             return
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
+    def _remove_older_than_two(self):
+        files = storage.glob(storage.join(self.best_dir, "epoch-*"))
+        epochs = sorted({int(storage.basename(f)[len("epoch-"):].split(".")[0]) for f in files})
+        for path in files:
+            if int(storage.basename(path)[len("epoch-"):].split(".")[0]) in epochs[:-2]:
+                storage.remove(path)
+
     def restore_best(self):
         if self.best_epoch >= 0:
-            self.model.load_weights(self.best_path)
+            self.model.load_weights(self.weights_path(self.best_epoch))
 
 
 class PlateauLR(keras.callbacks.ReduceLROnPlateau):
@@ -230,19 +251,19 @@ def _profile_callback(cfg, chief: bool):
     return profiling.make_profile_callback(
         profile_steps=cfg.profile_steps, profile_dir=cfg.profile_dir,
         profiler_port=cfg.profiler_port, is_chief=chief,
-        run_name=os.path.basename(os.path.normpath(cfg.workdir or "run")))
+        run_name=storage.basename(cfg.workdir or "run"))
 
 
 def build_callbacks(cfg, *, seed_dir: str, run_checkpoint, steps_per_epoch: int, chief: bool):
     """Every callback of one seed's fit, in order; returns (list, named handles)."""
-    early = EarlyStoppingBest(cfg.early_stopping_patience, os.path.join(seed_dir, "best", "weights"))
+    early = EarlyStoppingBest(cfg.early_stopping_patience, storage.join(seed_dir, "best"))
     plateau = PlateauLR(monitor=MONITOR, mode="min", factor=cfg.lr_plateau_factor,
                         patience=cfg.lr_plateau_patience, verbose=1 if chief else 0)
     throughput = Throughput(cfg.batch_size)
     callbacks = [NanGuard(), throughput, early, plateau]
     if chief:
         callbacks.append(keras.callbacks.TensorBoard(
-            os.path.join(seed_dir, "tensorboard"), update_freq="epoch", profile_batch=0))
+            storage.join(seed_dir, "tensorboard"), update_freq="epoch", profile_batch=0))
     profile = _profile_callback(cfg, chief)
     if profile is not None:
         callbacks.append(profile)

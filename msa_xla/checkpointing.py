@@ -6,7 +6,7 @@ Layout of one seed's run folder:
     <workdir>/seed_<s>/checkpoints/      ckpt-<step>.* (model, optimizer incl. learning rate and
                                          step counter, dropout RNG states), trainer-<step>.json
                                          (epoch, callback states), identity.json
-    <workdir>/seed_<s>/best/             weights of the best validation epoch so far
+    <workdir>/seed_<s>/best/epoch-<e>.*  weights of the best validation epoch so far (and the one before)
     <workdir>/.worker-<i>/seed_<s>/      the same, written by non-chief worker i (multi-worker)
 
 Resume = rerun the same command: the latest checkpoint is restored, the input stream skips the
@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import glob
-import json
 import os
-import shutil
 
 import tensorflow as tf
+
+from msa_xla import storage
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -48,13 +47,21 @@ class CheckpointError(ValueError):
 
 
 class WorkdirLock:
-    """An exclusive lock on a workdir for the life of the process (released even on SIGKILL)."""
+    """An exclusive lock on a workdir for the life of the process (released even on SIGKILL).
+
+    Local workdirs only: `fcntl` locks need a POSIX filesystem, and object stores (gs://) have
+    no locks. A remote workdir is not locked; two runs must not share one.
+    """
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, ".lock")
+        self.path = storage.join(workdir, ".lock")
+        self.remote = storage.is_remote(workdir)
         self._fd = None
 
     def acquire(self) -> "WorkdirLock":
+        if self.remote:
+            storage.makedirs(storage.dirname(self.path))
+            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -87,17 +94,17 @@ def sync_from_chief(chief_seed_dir: str, own_seed_dir: str) -> None:
     worker's collectives first.
     """
     for name in ("checkpoints", "best", "result.json"):
-        own = os.path.join(own_seed_dir, name)
-        if os.path.isdir(own):
-            shutil.rmtree(own)
-        elif os.path.exists(own):
-            os.remove(own)
-        shared = os.path.join(chief_seed_dir, name)
-        if os.path.isdir(shared):
-            shutil.copytree(shared, own)
-        elif os.path.isfile(shared):
-            os.makedirs(own_seed_dir, exist_ok=True)
-            shutil.copy2(shared, own)
+        own = storage.join(own_seed_dir, name)
+        if storage.isdir(own):
+            storage.rmtree(own)
+        elif storage.exists(own):
+            storage.remove(own)
+        shared = storage.join(chief_seed_dir, name)
+        if storage.isdir(shared):
+            storage.copytree(shared, own)
+        elif storage.isfile(shared):
+            storage.makedirs(own_seed_dir)
+            storage.copy(shared, own, overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,11 +144,10 @@ class RunCheckpoint:
 
     def check_identity(self):
         """Refuses a checkpoint folder written by another model/config: expected vs found."""
-        path = os.path.join(self.directory, "identity.json")
-        if not os.path.isfile(path):
+        path = storage.join(self.directory, "identity.json")
+        if not storage.isfile(path):
             return
-        with open(path) as f:
-            found = json.load(f)
+        found = storage.read_json(path)
         diffs = [f"{key}: expected {self.identity.get(key)!r}, found {found.get(key)!r}"
                  for key in sorted(set(found) | set(self.identity))
                  if found.get(key) != self.identity.get(key)]
@@ -157,29 +163,26 @@ class RunCheckpoint:
         if latest is None:
             return None
         self.checkpoint.restore(latest).assert_existing_objects_matched()
-        state_path = os.path.join(self.directory, f"trainer-{self.step}.json")
-        with open(state_path) as f:
-            return json.load(f)
+        return storage.read_json(storage.join(self.directory, f"trainer-{self.step}.json"))
 
     def save(self, trainer_state: dict) -> str:
         """Writes trainer state, then the checkpoint (whose index file commits both)."""
-        os.makedirs(self.directory, exist_ok=True)
-        identity_path = os.path.join(self.directory, "identity.json")
-        if not os.path.isfile(identity_path):
-            _write_json(identity_path, self.identity)
+        storage.makedirs(self.directory)
+        identity_path = storage.join(self.directory, "identity.json")
+        if not storage.isfile(identity_path):
+            write_json(identity_path, self.identity)
         step = self.step
-        _write_json(os.path.join(self.directory, f"trainer-{step}.json"),
-                    {**trainer_state, "step": step})
+        write_json(storage.join(self.directory, f"trainer-{step}.json"),
+                   {**trainer_state, "step": step})
         path = self.manager.save(checkpoint_number=step)
         kept = {int(p.rsplit("-", 1)[1]) for p in self.manager.checkpoints}
-        for stale in glob.glob(os.path.join(self.directory, "trainer-*.json")):
+        for stale in storage.glob(storage.join(self.directory, "trainer-*.json")):
             if int(stale.rsplit("-", 1)[1].split(".")[0]) not in kept:
-                os.remove(stale)
+                storage.remove(stale)
         return path
 
 
-def _write_json(path, value):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+def write_json(path, value):
+    """The trainer's JSON files: atomic (a crash leaves the old file or the new one), local or
+    remote."""
+    storage.write_json_atomic(path, value, indent=1, sort_keys=True)

@@ -7,13 +7,13 @@ what XLA compiled, and where the best model was saved.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 
 import numpy as np
 
+from msa_xla import storage
 from msa_xla.metrics import METRIC_KEYS
 
 # Table order: the field's usual reporting order (DESIGN.md §7).
@@ -56,10 +56,8 @@ def build_results(*, config: dict, metadata: dict, per_seed: list[dict], run_inf
 
 
 def write_results(path: str, results: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=False, default=_jsonable)
-    os.replace(tmp, path)
+    """results.json, atomically, local or remote (gs://)."""
+    storage.write_json_atomic(path, results, indent=2, sort_keys=False, default=_jsonable)
 
 
 def _jsonable(value):

@@ -8,14 +8,14 @@ A seed that already finished (its result.json exists) is not trained again.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
 import tf_keras as keras
 
 from msa_xla.callbacks import build_callbacks
-from msa_xla.checkpointing import RunCheckpoint, _write_json, sync_from_chief
+from msa_xla import storage
+from msa_xla.checkpointing import RunCheckpoint, sync_from_chief, write_json
 from msa_xla.metrics import MSAMetrics
 from msa_xla.models import MODELS
 from msa_xla.train_input import eval_data, train_data
@@ -60,14 +60,13 @@ def _verbosity(cfg, chief):
 def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     """Trains one seed; returns its result dict, or None when preempted (checkpoint saved)."""
     log = log or (lambda message: None)
-    seed_dir = os.path.join(own_dir, f"seed_{seed}")
+    seed_dir = storage.join(own_dir, f"seed_{seed}")
     if not chief:  # every worker resumes from the chief's state (checkpointing.py)
-        sync_from_chief(os.path.join(cfg.workdir, f"seed_{seed}"), seed_dir)
-    result_path = os.path.join(seed_dir, "result.json")
-    if os.path.isfile(result_path):
+        sync_from_chief(storage.join(cfg.workdir, f"seed_{seed}"), seed_dir)
+    result_path = storage.join(seed_dir, "result.json")
+    if storage.isfile(result_path):
         log(f"seed {seed}: already finished ({result_path})")
-        with open(result_path) as f:
-            return json.load(f)
+        return storage.read_json(result_path)
     counts = {s: meta["splits"][s]["count"] for s in ("train", "valid", "test")}
     steps_per_epoch = counts["train"] // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
@@ -80,7 +79,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     # ---- checkpoint ---------------------------------------------------------------------------
     identity = {**cfg.checkpoint_identity(), "seed": seed,
                 "dims": [meta["modalities"][m]["dim"] for m in ("text", "audio", "video")]}
-    run_checkpoint = RunCheckpoint(os.path.join(seed_dir, "checkpoints"), model, identity)
+    run_checkpoint = RunCheckpoint(storage.join(seed_dir, "checkpoints"), model, identity)
     state = run_checkpoint.restore_latest()
     step = run_checkpoint.step
     callbacks, handles = build_callbacks(cfg, seed_dir=seed_dir, run_checkpoint=run_checkpoint,
@@ -120,19 +119,20 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
               if model.train_function is not None else 0)
 
     # ---- eval ---------------------------------------------------------------------------------
-    handles["early"].restore_best()
+    steps_trained = int(model.optimizer.iterations.numpy())
+    handles["early"].restore_best()  # (the best epoch's weights carry its optimizer state too)
     test = eval_data(cfg.data_dir, "test", cfg.batch_size, strategy, text_input=cfg.text_input,
                       skip_corrupt=cfg.skip_corrupt)
     test_logs = model.evaluate(test, steps=math.ceil(counts["test"] / cfg.batch_size),
                                return_dict=True, verbose=0)
-    keras_path = os.path.join(seed_dir, "model.keras")
+    keras_path = storage.join(seed_dir, "model.keras")
     model.save(keras_path)
     result = {
         "seed": seed,
         "test": {k: float(v) for k, v in test_logs.items() if k != "loss"},
         "best_val_MAE": float(handles["early"].best),
         "best_epoch": int(handles["early"].best_epoch) + 1,
-        "steps": int(model.optimizer.iterations.numpy()),
+        "steps": steps_trained,
         "final_learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
         "samples_per_second": handles["throughput"].samples_per_second or None,
         "train_function_traces": int(traces),
@@ -142,7 +142,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         "steps_per_execution": steps_per_execution,
         "model_path": keras_path,
     }
-    _write_json(result_path, result)
+    write_json(result_path, result)
     log(f"seed {seed}: test MAE {result['test']['MAE']:.4f}, Non0_acc_2 "
         f"{100 * result['test']['Non0_acc_2']:.2f}% (best val_MAE {result['best_val_MAE']:.4f} "
         f"at epoch {result['best_epoch']})")
@@ -153,8 +153,8 @@ def export_best_model(per_seed, workdir):
     """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel."""
     best = min(per_seed, key=lambda run: run["best_val_MAE"])
     model = keras.models.load_model(best["model_path"])
-    paths = {"seed": best["seed"], "keras": os.path.join(workdir, "best_model.keras"),
-             "savedmodel": os.path.join(workdir, "best_model_savedmodel")}
+    paths = {"seed": best["seed"], "keras": storage.join(workdir, "best_model.keras"),
+             "savedmodel": storage.join(workdir, "best_model_savedmodel")}
     model.save(paths["keras"])
     model.save(paths["savedmodel"], save_format="tf")
     return paths

@@ -13,7 +13,6 @@ checkpoint (rerun the same command to resume).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
@@ -119,7 +118,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     _setup_cpu_devices(cpu_replicas)
     import tf_keras as keras
 
-    from msa_xla import distribute, precision
+    from msa_xla import distribute, precision, storage
     from msa_xla.data import ensure_builtin_dataset, load_metadata
     from msa_xla.results import hardware_info
     from msa_xla.train_input import usable_metadata
@@ -145,7 +144,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     # ------------------------------------------------------------------------------------------
     if cfg.data_dir is None:
         cfg.data_dir = ensure_builtin_dataset()
-    cfg.data_dir = os.path.abspath(cfg.data_dir)
+    cfg.data_dir = storage.absolute(cfg.data_dir)  # local paths only: gs://b/x stays a URL
     meta = usable_metadata(load_metadata(cfg.data_dir), cfg.data_dir, cfg.skip_corrupt)
     counts = {split: meta["splits"][split]["count"] for split in ("train", "valid", "test")}
     steps_per_epoch = counts["train"] // cfg.batch_size
@@ -153,9 +152,10 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
         raise ValueError(f"--batch_size={cfg.batch_size} is larger than the "
                          f"{counts['train']} training clips")
 
-    workdir = os.path.abspath(cfg.resolved_workdir())
+    workdir = storage.absolute(cfg.resolved_workdir())
     cfg.workdir = workdir
-    own_dir = workdir if chief else os.path.join(workdir, f".worker-{distribute.worker_index(strategy)}")
+    own_dir = (workdir if chief
+               else storage.join(workdir, f".worker-{distribute.worker_index(strategy)}"))
     from msa_xla.checkpointing import WorkdirLock
 
     lock = WorkdirLock(own_dir).acquire()
@@ -182,7 +182,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     # results
     # ------------------------------------------------------------------------------------------
     if not chief:
-        shutil.rmtree(own_dir, ignore_errors=True)  # workers' copies; the chief has the real ones
+        storage.rmtree(own_dir, ignore_errors=True)  # workers' copies; the chief has the real ones
         return 0
     from msa_xla.results import build_results, format_table, write_results
     from msa_xla.seed_run import export_best_model
@@ -194,10 +194,10 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
                   "platform": distribute.device_platform(strategy), "precision": policy,
                   "jit": per_seed[0]["jit"], "hardware": hardware_info(),
                   "best_model": best_paths})
-    write_results(os.path.join(workdir, "results.json"), results)
+    write_results(storage.join(workdir, "results.json"), results)
     print("\nTest results (accuracies and F1 in %):")
     print(format_table(results), flush=True)
-    log(f"results: {os.path.join(workdir, 'results.json')}; best model: {best_paths['keras']}")
+    log(f"results: {storage.join(workdir, 'results.json')}; best model: {best_paths['keras']}")
     return 0
 
 

@@ -8,7 +8,9 @@
   `_use_merge_call` to False here runs that same Python path on two logical CPUs (without XLA:
   XLA:CPU has no collectives).
 """
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -230,3 +232,50 @@ def test_attention_logits_beyond_float16_range_stay_finite(impl):
     assert out.dtype == tf.float16
     assert np.isfinite(out.numpy()).all()
     np.testing.assert_allclose(out.numpy().astype(np.float32), expected.numpy(), atol=2e-2)
+
+
+# ---- 5: remote storage: data, workdir and profiles on ram:// (TF's in-memory gfile, like gs://) --
+def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(capsys,
+                                                                             monkeypatch):
+    import signal
+    import uuid
+
+    from msa_xla import seed_run
+    from msa_xla.data import synthetic, writer
+    from msa_xla.train import run
+    from tests.train_helpers import DIMS, SEQ_LEN, SIZES
+
+    root = f"ram://accelerator-{uuid.uuid4().hex}"
+    data_dir, workdir, profile_dir = f"{root}/data", f"{root}/run", f"{root}/profile"
+    writer.convert(synthetic.generate(SIZES, seq_len=SEQ_LEN, dims=DIMS, seed=5), data_dir,
+                   source_format="synthetic", source_path="-", log=lambda line: None)
+    cfg = dict(epochs=2, checkpoint_every=3, profile_steps=(2, 3), profile_dir=profile_dir)
+
+    # First run: preempted (SIGTERM) after step 5 of 16, as a TPU VM's maintenance event would.
+    real_build = seed_run.build_callbacks
+
+    def with_preemption(*args, **kwargs):
+        callbacks, handles = real_build(*args, **kwargs)
+        preempt = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: (
+            os.kill(os.getpid(), signal.SIGTERM) if batch == 4 else None))
+        return [preempt] + callbacks, handles
+
+    monkeypatch.setattr(seed_run, "build_callbacks", with_preemption)
+    assert run(tiny_config(data_dir, workdir, **cfg)) == 143
+    monkeypatch.setattr(seed_run, "build_callbacks", real_build)
+    assert not os.path.exists("ram:")  # os.path.abspath("ram://x") would be ./ram:/x
+    checkpoints = tf.io.gfile.listdir(f"{workdir}/seed_1111/checkpoints")
+    assert {"ckpt-3.index", "ckpt-5.index", "trainer-5.json", "identity.json"} <= set(
+        checkpoints), checkpoints
+    assert tf.io.gfile.glob(f"{profile_dir}/plugins/profile/*/*.xplane.pb")
+    capsys.readouterr()
+
+    # Second run, same command: resumes at step 5 and finishes.
+    assert run(tiny_config(data_dir, workdir, **cfg)) == 0
+    assert "resumed from step 5" in capsys.readouterr().out
+    res = json.loads(tf.io.gfile.GFile(f"{workdir}/results.json").read())
+    assert res["per_seed"][0]["steps"] == 16
+    assert res["best_model"]["keras"] == f"{workdir}/best_model.keras"
+    assert tf.io.gfile.exists(f"{workdir}/best_model_savedmodel/saved_model.pb")
+    loaded = keras.models.load_model(res["best_model"]["keras"])
+    assert loaded.count_params() > 0
