@@ -55,3 +55,14 @@ def xla_target_platform() -> str | None:
         if device_type in ("TPU", "GPU", "CPU"):
             return device_type
     return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
+
+def fresh_collective_keys() -> None:
+    """Gives the next MirroredStrategy built in this process collective keys of its own.
+
+    Why: every MirroredStrategy starts its collective instance keys at the same base, so a
+    second strategy in one process (a notebook training twice, the tests) can pair its
+    all-reduces with the first one's ("Shape mismatch in the collective instance ...").
+    TF's own tests move the base the same way (distribute/strategy_combinations.py).
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100000

@@ -16,6 +16,8 @@ import re
 
 import tensorflow as tf
 
+from msa_xla.compat import fresh_collective_keys
+
 STRATEGIES = ("auto", "cpu", "one_device", "mirrored", "multi_worker", "tpu")
 
 
@@ -58,6 +60,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _mirrored_strategy() -> tf.distribute.Strategy:
+    fresh_collective_keys()  # a second strategy in this process must not share collective keys
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         return tf.distribute.MirroredStrategy([device.name for device in gpus])

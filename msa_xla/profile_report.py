@@ -19,6 +19,14 @@ import os
 import re
 import sys
 
+if __name__.startswith("msa_xla."):
+    from msa_xla import storage
+else:  # loaded by tools/profile_report.py without msa_xla/__init__.py (TensorFlow, ~5 s)
+    _spec = importlib.util.spec_from_file_location(
+        "msa_xla_storage", os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage.py"))
+    storage = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(storage)
+
 REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")
 
 
@@ -52,17 +60,21 @@ def find_xplanes(folder: str) -> list[str]:
     Raises:
       ProfileNotFound: the folder does not exist or holds no `*.xplane.pb`.
     """
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise ProfileNotFound(f"no profile in {folder}: the folder does not exist")
-    paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
-    paths = [p for p in paths if os.path.getsize(p) > 0]
+    if storage.is_remote(folder):  # gfile's glob has no "**": the layout the profiler writes
+        paths = storage.glob(storage.join(folder, "plugins", "profile", "*", "*.xplane.pb"))
+    else:
+        paths = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+    paths = [p for p in paths if storage.stat(p).size > 0]
     if not paths:
         raise ProfileNotFound(
             f"no profile in {folder}: no *.xplane.pb found (capture one with "
             "python -m msa_xla.train --profile_steps=A,B)")
-    newest = max(paths, key=os.path.getmtime)
-    capture = os.path.dirname(newest)
-    return sorted(p for p in paths if os.path.dirname(p) == capture)
+    # Newest capture: by modification time, else by the capture folder's name (a timestamp).
+    newest = max(paths, key=lambda p: (storage.stat(p).mtime_ns, storage.dirname(p)))
+    capture = storage.dirname(newest)
+    return sorted(p for p in paths if storage.dirname(p) == capture)
 
 
 def convert(xplane_paths: list[str], tool: str, quiet: bool = False):
@@ -225,8 +237,7 @@ def _host_planes(xplane_paths: tuple[str, ...]) -> list:
     planes = []
     for path in xplane_paths:
         space = pb2.XSpace()
-        with open(path, "rb") as f:
-            space.ParseFromString(f.read())
+        space.ParseFromString(storage.read_bytes(path))
         planes += [plane for plane in space.planes if plane.lines]
     return planes
 
@@ -410,6 +421,5 @@ def main(argv=None) -> int:
         return 0
     print(format_report(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        storage.write_text(args.json, json.dumps(report, indent=2))
     return 0

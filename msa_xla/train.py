@@ -109,8 +109,14 @@ def _setup_cpu_devices(count: int) -> None:
         import tensorflow as tf
 
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+        if len(tf.config.get_logical_device_configuration(cpu) or ()) == count:
+            return  # already split so (e.g. a second run in this process)
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+        except RuntimeError:  # "Virtual devices cannot be modified after being initialized"
+            raise ValueError(f"--cpu_replicas={count}: TensorFlow already started in this "
+                             "process with other CPU devices") from None
 
 
 def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:

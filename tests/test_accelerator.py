@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.compat import fresh_collective_keys
 from msa_xla.config import TrainConfig
 from msa_xla.data import load_metadata
 from tests.train_helpers import make_tiny_dataset, results
@@ -49,9 +50,7 @@ def tiny_config(data_dir, workdir, **overrides):
 
 def gpu_like_mirrored_strategy():
     """MirroredStrategy over the two logical CPUs with merge_call disabled, as on GPUs + XLA."""
-    # A new key range per strategy, as TF's own strategy_combinations do: strategies built in one
-    # process otherwise reuse collective instance keys and their all-reduces mix.
-    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    fresh_collective_keys()  # several strategies in one process
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     strategy.extended._use_merge_call = lambda: False
     return strategy
@@ -267,7 +266,9 @@ def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(cap
     checkpoints = tf.io.gfile.listdir(f"{workdir}/seed_1111/checkpoints")
     assert {"ckpt-3.index", "ckpt-5.index", "trainer-5.json", "identity.json"} <= set(
         checkpoints), checkpoints
-    assert tf.io.gfile.glob(f"{profile_dir}/plugins/profile/*/*.xplane.pb")
+    from msa_xla import profile_report
+
+    assert profile_report.find_xplanes(profile_dir)[0].startswith(f"{profile_dir}/plugins/")
     capsys.readouterr()
 
     # Second run, same command: resumes at step 5 and finishes.
