@@ -9,10 +9,11 @@ Public names (the spec's `models` package):
 from msa_xla.layers import (AdaptiveFusionHead, CrossAttentionBlock, CrossModalFusion,
                             LearnablePositionalEmbedding, ModalityEncoder, TransformerBlock,
                             create_padding_mask)
-from msa_xla.models import BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel
+from msa_xla.models import (BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel,
+                            MulTModel)
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaptiveFusionHead", "BalancedMSAModel", "CrossAttentionBlock", "CrossModalFusion",
            "ImprovedMSAModel", "LearnablePositionalEmbedding", "MSAModel", "MSASeqLevelModel",
-           "ModalityEncoder", "TransformerBlock", "create_padding_mask"]
+           "ModalityEncoder", "MulTModel", "TransformerBlock", "create_padding_mask"]

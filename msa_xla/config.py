@@ -28,7 +28,7 @@ import time
 DEFAULT_EPOCHS = 8
 DEFAULT_SEEDS = (1111,)
 CHOICES = {
-    "model": ("seqlevel", "msa", "improved", "balanced"),
+    "model": ("seqlevel", "msa", "improved", "balanced", "mult"),
     "strategy": ("auto", "cpu", "mirrored", "multi_worker", "tpu"),
     "precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
     "jit_compile": ("auto", "true", "false"),
@@ -138,6 +138,10 @@ class TrainConfig:
         if self.model == "seqlevel":
             kwargs.update(bidirectional_fusion=self.bidirectional_fusion,
                           pooling_method=self.pooling_method)
+        if self.model == "mult":  # d, heads, levels from the flags; dropouts: MMSA's MOSI config
+            kwargs = {k: v for k, v in kwargs.items()
+                      if k not in ("ff_dim", "n_layers_mod", "n_layers_fuse", "dropout_rate")}
+            kwargs["n_levels"] = self.n_layers_mod
         if self.text_input == "tokens":
             kwargs.update(text_input="tokens", vocab_size=meta["tokens"]["vocab_size"],
                           seq_len=(meta["tokens"]["seq_len"],) + tuple(seq_lens[1:]))

@@ -1,4 +1,4 @@
-"""The four models: shapes and dtypes under every policy, masks, saving, jit training, static
+"""The five models: shapes and dtypes under every policy, masks, saving, jit training, static
 HLO, and clear errors for bad input."""
 import re
 
@@ -10,6 +10,7 @@ import tf_keras as keras
 from msa_xla import BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel
 from msa_xla.models import MODELS
 from msa_xla.models.balanced import modulation_coefficients
+from msa_xla.models.mult import DROPOUTS as MULT_DROPOUTS
 from tests.model_checks import (POLICIES, SMALL, assert_config_round_trip, assert_static_hlo,
                                 fit_losses, hlo_text, learnable_targets, padded_inputs,
                                 with_noisy_padding)
@@ -19,6 +20,11 @@ MODEL_NAMES = sorted(MODELS)
 
 def small_model(name, **overrides):
     kwargs = dict(SMALL, **overrides)
+    if name == "mult":  # MulT's own arguments: levels instead of layers, its eight dropouts
+        kwargs = {k: v for k, v in kwargs.items() if k not in (
+            "ff_dim", "n_layers_mod", "n_layers_fuse", "dropout_rate", "bidirectional_fusion",
+            "pooling_method")}
+        return MODELS[name](**{"n_levels": 1, **dict.fromkeys(MULT_DROPOUTS, 0.0), **kwargs})
     if name != "seqlevel":
         kwargs = {k: v for k, v in kwargs.items() if k not in ("bidirectional_fusion",
                                                                "pooling_method")}
@@ -63,7 +69,8 @@ def test_config_round_trip_and_summary(name):
     lines = []
     model.summary(print_fn=lines.append)
     assert any("Total params" in line for line in lines)
-    assert any("text_encoder" in line for line in lines)
+    layer = "text_with_audio" if name == "mult" else "text_encoder"
+    assert any(layer in line for line in lines)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -1,6 +1,7 @@
 """The model family, and a table from short names to classes (used by the trainer)."""
 
 from msa_xla.models.balanced import BalancedMSAModel
+from msa_xla.models.mult import MulTModel
 from msa_xla.models.pooled import ImprovedMSAModel, MSAModel
 from msa_xla.models.seqlevel import MSASeqLevelModel
 
@@ -9,6 +10,8 @@ MODELS = {
     "msa": MSAModel,
     "improved": ImprovedMSAModel,
     "balanced": BalancedMSAModel,
+    "mult": MulTModel,
 }
 
-__all__ = ["BalancedMSAModel", "ImprovedMSAModel", "MODELS", "MSAModel", "MSASeqLevelModel"]
+__all__ = ["BalancedMSAModel", "ImprovedMSAModel", "MODELS", "MSAModel", "MSASeqLevelModel",
+           "MulTModel"]
