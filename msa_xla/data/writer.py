@@ -76,7 +76,13 @@ def _validate(splits):
 
 
 def _default_seq_lens(splits):
-    return {m: max(1, max(len(r) for s in SPLITS for r in splits[s].features[m])) for m in MODALITIES}
+    """Longest clip per modality, or the source's padded length when it reports one (pickles),
+    so a converted MMSA pickle has the shapes MMSA's own loader yields."""
+    lens = {m: max(1, max(len(r) for s in SPLITS for r in splits[s].features[m])) for m in MODALITIES}
+    for split in SPLITS:
+        for m, padded in (getattr(splits[split], "padded_lens", None) or {}).items():
+            lens[m] = max(lens[m], int(padded))
+    return lens
 
 
 def _prepare(rows, seq_len, dim, nonfinite, where):
@@ -134,6 +140,24 @@ def _write_split(folder, split, data, seq_lens, dims, num_shards, nonfinite, tok
     if tokens is not None:
         stats["truncated"]["text_ids"] = int(tokens[2])
     return stats
+
+
+def _source_tokens(splits, seq_len, log):
+    """Token ids the source carries (MMSA's text_bert), padded or truncated to `seq_len`."""
+    out = {}
+    for split in SPLITS:
+        data = splits[split]
+        ids = np.zeros((len(data), seq_len), np.int64)
+        kept = min(seq_len, data.token_ids.shape[1])
+        ids[:, :kept] = data.token_ids[:, :kept]
+        lengths = np.minimum(data.token_lengths, seq_len)
+        ids[np.arange(seq_len)[None, :] >= lengths[:, None]] = 0  # nothing past the length
+        out[split] = (ids, lengths, int(np.count_nonzero(data.token_lengths > seq_len)))
+    vocab_size = max(int(splits[s].vocab_size) for s in SPLITS)
+    log(f"  token ids: the source's BERT WordPiece ids (vocabulary {vocab_size})")
+    info = {"vocab_file": None, "vocab_size": vocab_size, "seq_len": int(seq_len), "pad_id": 0,
+            "unk_id": 100, "source": "text_bert"}  # [UNK] in BERT's vocab
+    return out, info
 
 
 def _tokenize(splits, folder, seq_len, log):
@@ -236,7 +260,9 @@ def convert(splits, output, *, source_format, source_path, seq_len=None, shards=
     tmp = _make_temp_folder(output)
     try:
         tokens, token_info = {}, None
-        if tokenize:
+        if all(getattr(splits[s], "token_ids", None) is not None for s in SPLITS):
+            tokens, token_info = _source_tokens(splits, seq_lens["text"], log)  # also --tokenize
+        elif tokenize:
             tokens, token_info = _tokenize(splits, tmp, seq_lens["text"], log)
         split_stats = {}
         for split in SPLITS:
@@ -305,7 +331,8 @@ def build_parser():
     parser.add_argument("--nonfinite", choices=NONFINITE_POLICIES, default="zero",
                         help="repair NaN/inf features to 0 (default) or refuse")
     parser.add_argument("--tokenize", action="store_true",
-                        help="also store WordPiece ids of raw_text (vocab.txt from train)")
+                        help="also store WordPiece ids of raw_text (vocab.txt from train); an "
+                             "MMSA pickle with text_bert stores its BERT ids in any case")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--trust_pickle", action="store_true",
                         help="read the --input pickle with plain pickle.load, which can run "
