@@ -1,0 +1,299 @@
+"""MulTModel: MMSA's parameter count from the layer shapes, masks, last-valid-step pooling, its
+attention paths, static HLO in training, learning through the trainer; and the data it reads
+from MMSA pickles (text_bert token ids) and CMU-SDK .csd folds of video ids."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from msa_xla import MulTModel
+from msa_xla.config import TrainConfig
+from msa_xla.data import DataError, load_metadata, make_dataset, sources, writer
+from msa_xla.kernels import masked_attention
+from msa_xla.models.mult import (DROPOUTS, _masked_attention_with_dropout, causal_keys,
+                                 last_valid_step, sinusoidal_positions)
+from tests.model_checks import (assert_static_hlo, hlo_text, learnable_targets, padded_inputs,
+                                with_noisy_padding)
+from tests.test_data_sources import csd_folder, mmsa_dict, write_csd, write_pickle
+from tests.train_helpers import make_tiny_dataset, results
+
+SMALL = dict(seq_len=(6, 8, 10), text_dim=12, audio_dim=7, video_dim=5, model_dim=16,
+             num_heads=4, n_levels=1)
+NO_DROPOUT = dict.fromkeys(DROPOUTS, 0.0)
+
+
+def mult_parameters(dims, d, levels, kernels):
+    """MulT's parameter count from its layer shapes (MMSA MULT.py / transformer.py)."""
+    def encoder_layer(e):
+        attention = (3 * e * e + 3 * e) + (e * e + e)  # in_proj (3e, e) + bias, out_proj
+        feed_forward = (e * 4 * e + 4 * e) + (4 * e * e + e)  # fc1, fc2
+        norms = 2 * 2 * e  # two LayerNorms
+        return attention + feed_forward + norms
+
+    def encoder(e, layers):
+        return layers * encoder_layer(e) + 2 * e  # + the final LayerNorm
+
+    convs = sum(f * d * k for f, k in zip(dims, kernels) if f != d)  # Conv1d, no bias
+    crossmodal = 6 * encoder(d, levels)
+    memories = 3 * encoder(2 * d, max(levels, 3))
+    combined = 6 * d
+    head = 2 * (combined * combined + combined) + (combined + 1)  # proj1, proj2, out_layer
+    return convs + crossmodal + memories + head
+
+
+def test_defaults_have_mmsa_parameter_count():
+    model = MulTModel(seq_len=50, text_dim=300, audio_dim=74, video_dim=47)
+    model(model.example_inputs())
+    expected = mult_parameters((300, 74, 47), d=50, levels=4, kernels=(5, 5, 5))
+    assert model.count_params() == expected == 2_478_551
+    # MMSA's MOSI regression config is the default.
+    config = model.get_config()
+    assert (config["model_dim"], config["num_heads"], config["n_levels"]) == (50, 10, 4)
+    assert {k: config[k] for k in DROPOUTS} == {
+        "attn_dropout": 0.3, "attn_dropout_a": 0.2, "attn_dropout_v": 0.0, "relu_dropout": 0.0,
+        "embed_dropout": 0.2, "res_dropout": 0.0, "output_dropout": 0.5, "text_dropout": 0.5}
+    assert config["conv_kernel_sizes"] == [5, 5, 5]
+
+
+def test_parameter_count_follows_the_shapes_at_other_sizes():
+    model = MulTModel(**dict(SMALL, seq_len=7, video_dim=16, n_levels=2),
+                      conv_kernel_sizes=(3, 1, 5))
+    model(model.example_inputs())
+    # video_dim == model_dim: no projection for video, as MulT.
+    assert model.video_projection is None
+    assert model.count_params() == mult_parameters((12, 7, 16), 16, 2, (3, 1, 5))
+
+
+@pytest.mark.parametrize("causal_mask", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_garbage_in_padded_steps_changes_nothing(causal_mask, training):
+    model = MulTModel(**SMALL, **NO_DROPOUT, causal_mask=causal_mask)
+    inputs = padded_inputs()  # audio of clip 0 is all padding
+    clean = model(inputs, training=training)
+    noisy = model(with_noisy_padding(inputs), training=training)
+    np.testing.assert_allclose(noisy, clean, atol=1e-5)
+
+
+def test_convolutions_keep_the_length_and_the_mask_alignment():
+    model = MulTModel(**SMALL, **NO_DROPOUT)
+    inputs = padded_inputs()
+    model(inputs)
+    text = inputs[0]
+    assert model.text_projection(text).shape == text.shape[:2] + (16,)
+    # Conv1d 'same' (k=5): a step's output reads steps t-2..t+2; padding reads as zeros.
+    kernel = model.text_projection.get_weights()[0]  # (k, F, d)
+    padded = np.pad(text.numpy(), ((0, 0), (2, 2), (0, 0)))
+    want = sum(padded[:, j:j + 6] @ kernel[j] for j in range(5))
+    np.testing.assert_allclose(model.text_projection(text), want, atol=1e-5)
+
+
+def test_last_valid_step_picks_each_clips_last_valid_step():
+    sequence = tf.reshape(tf.range(2 * 4 * 3, dtype=tf.float32), (2, 4, 3)) + 1.0
+    mask = tf.constant([[True, True, True, False], [False, False, False, False]])
+    np.testing.assert_array_equal(last_valid_step(sequence, mask), [[7.0, 8.0, 9.0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("causal_mask", [False, True])
+def test_a_clip_predicts_the_same_whatever_padding_follows_it(causal_mask):
+    # Pooling h[-1] (MulT's code) would read padding here; the last valid step does not.
+    lengths = (3, 5, 4)
+    short = MulTModel(**dict(SMALL, seq_len=lengths), **NO_DROPOUT, causal_mask=causal_mask)
+    long = MulTModel(**SMALL, **NO_DROPOUT, causal_mask=causal_mask)
+    rng = np.random.default_rng(3)
+    clips = [rng.normal(size=(2, n, f)).astype("float32") for n, f in zip(lengths, (12, 7, 5))]
+    short_out = short(tuple(tf.constant(c) for c in clips), training=False)
+    long(long.example_inputs())
+    long.set_weights(short.get_weights())
+    padded = [np.pad(c, ((0, 0), (0, t - n), (0, 0)))
+              for c, n, t in zip(clips, lengths, SMALL["seq_len"])]
+    long_out = long(tuple(tf.constant(p) for p in padded), training=False)
+    if causal_mask:  # the original's mask counts padded positions: not padding-invariant
+        assert not np.allclose(long_out, short_out, atol=1e-4)
+    else:
+        np.testing.assert_allclose(long_out, short_out, atol=1e-5)
+
+
+def test_attention_with_dropout_path_is_the_core_math():
+    rng = np.random.default_rng(0)
+    q = tf.constant(rng.normal(size=(3, 5, 2, 4)), tf.float32)
+    k = tf.constant(rng.normal(size=(3, 7, 2, 4)), tf.float32)
+    v = tf.constant(rng.normal(size=(3, 7, 2, 4)), tf.float32)
+    q_mask = tf.constant(np.arange(5)[None] < np.array([[5], [2], [0]]))
+    kv_mask = tf.constant(np.arange(7)[None] < np.array([[7], [0], [3]]))
+    want = masked_attention(q, k, v, q_mask, kv_mask, impl="reference")
+    got = _masked_attention_with_dropout(q, k, v, q_mask, kv_mask)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # The causal mask: the core's math over the keys each query may see.
+    allowed = causal_keys(5, 7)
+    got = _masked_attention_with_dropout(q, k, v, q_mask, kv_mask, allowed=tf.constant(allowed))
+    for i in range(5):
+        row_mask = tf.logical_and(kv_mask, allowed[i][None])
+        want_row = masked_attention(q[:, i:i + 1], k, v, q_mask[:, i:i + 1], row_mask,
+                                    impl="reference")
+        np.testing.assert_allclose(got[:, i:i + 1], want_row, atol=1e-6)
+
+
+def test_causal_mask_is_mults_buffered_future_mask():
+    # torch.triu(-inf, 1 + |Tk - Tq|): query i sees keys j <= i + |Tk - Tq|.
+    np.testing.assert_array_equal(causal_keys(3, 3), np.tril(np.ones((3, 3), bool)))
+    np.testing.assert_array_equal(causal_keys(2, 4), [[1, 1, 1, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(causal_keys(4, 2), [[1, 1], [1, 1], [1, 1], [1, 1]])
+
+
+def test_sinusoidal_positions_are_fairseqs_from_position_one():
+    table = sinusoidal_positions(4, 6)  # half = 3 frequencies 10000^(-i/2)
+    freqs = 10000.0 ** (-np.arange(3) / 2)
+    angles = np.arange(1, 5)[:, None] * freqs
+    np.testing.assert_allclose(table, np.concatenate([np.sin(angles), np.cos(angles)], 1),
+                               atol=1e-6)
+    assert sinusoidal_positions(3, 7)[:, -1].tolist() == [0, 0, 0]  # odd dim: zero column
+
+
+def test_training_with_dropout_and_causal_mask_lowers_to_static_hlo():
+    model = MulTModel(**SMALL, causal_mask=True)  # every dropout of MMSA's config on
+    inputs = padded_inputs()
+    targets = learnable_targets(inputs)
+    model(inputs)
+
+    def forward_backward(inputs, targets):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.abs(model(inputs, training=True) - targets))
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    assert_static_hlo(hlo_text(forward_backward, inputs, targets))
+
+
+def test_bad_arguments_name_the_values():
+    with pytest.raises(ValueError, match=r"attn_dropout_a=1.0 must be in \[0, 1\)"):
+        MulTModel(**SMALL, attn_dropout_a=1.0)
+    with pytest.raises(ValueError, match="n_levels=0 must be >= 1"):
+        MulTModel(**dict(SMALL, n_levels=0))
+    with pytest.raises(ValueError, match="model_dim=16 is not divisible by num_heads=3"):
+        MulTModel(**dict(SMALL, num_heads=3))
+
+
+def test_trainer_builds_mult_from_flags():
+    meta = {"modalities": {"text": {"dim": 12, "seq_len": 6}, "audio": {"dim": 7, "seq_len": 8},
+                           "video": {"dim": 5, "seq_len": 10}}}
+    kwargs = TrainConfig(model="mult", model_dim=16, num_heads=4, n_layers_mod=2).model_kwargs(meta)
+    assert kwargs["n_levels"] == 2 and "ff_dim" not in kwargs and "dropout_rate" not in kwargs
+    assert MulTModel(**kwargs).n_levels == 2
+
+
+@pytest.mark.slow
+def test_learns_the_tiny_dataset_through_the_trainer(tmp_path):
+    from msa_xla.train import run
+
+    data_dir = make_tiny_dataset(tmp_path / "data")
+    cfg = TrainConfig(data_dir=data_dir, workdir=str(tmp_path / "run"), model="mult",
+                      model_dim=16, num_heads=2, n_layers_mod=1, batch_size=8,
+                      learning_rate=3e-3, epochs=12, verbose=0, checkpoint_every=0)
+    try:
+        assert run(cfg) == 0
+    finally:
+        keras.backend.experimental.disable_tf_random_generator()  # run() enables it
+    mae = results(tmp_path / "run")["per_seed"][0]["test"]["MAE"]
+    (_, train_labels), = list(make_dataset(data_dir, "train", 64, shuffle=False))
+    (_, test_labels), = list(make_dataset(data_dir, "test", 24, shuffle=False))
+    constant = float(np.mean(np.abs(test_labels.numpy() - np.median(train_labels.numpy()))))
+    assert mae < 0.5 * constant, (mae, constant)
+
+
+# ---- data: MMSA text_bert and .csd folds ------------------------------------------------------
+def with_text_bert(data, seed=0):
+    """Adds MMSA's text_bert (N, 3, T): [CLS] ids [SEP], 0-padded; mask; segment ids."""
+    rng = np.random.default_rng(seed)
+    for part in data.values():
+        n, length = part["text"].shape[:2]
+        lengths = rng.integers(2, length + 1, n)
+        ids, mask = np.zeros((n, length)), np.zeros((n, length))
+        for i, size in enumerate(lengths):
+            ids[i, :size] = rng.integers(1000, 30522, size)
+            ids[i, 0], ids[i, size - 1] = 101, 102
+            mask[i, :size] = 1
+        part["text_bert"] = np.stack([ids, mask, np.zeros((n, length))], axis=1)
+    return data
+
+
+def test_mmsa_text_bert_becomes_the_token_input(tmp_path):
+    data = with_text_bert(mmsa_dict())
+    path = write_pickle(tmp_path / "aligned.pkl", data)
+    splits = sources.read_source("mmsa", path)
+    out = tmp_path / "out"
+    writer.convert(splits, out, source_format="mmsa", source_path=path, log=lambda line: None)
+    meta = load_metadata(out)
+    assert meta["tokens"]["vocab_size"] == 30522 and meta["tokens"]["seq_len"] == 6
+    for split in ("train", "test"):
+        count = meta["splits"][split]["count"]
+        (inputs, _), = list(make_dataset(str(out), split, count, shuffle=False,
+                                         text_input="tokens"))
+        bert = data[split]["text_bert"]
+        np.testing.assert_array_equal(inputs[0], bert[:, 0].astype(np.int32))
+        np.testing.assert_array_equal(inputs[3], bert[:, 1] == 1)
+    kwargs = TrainConfig(model="mult", text_input="tokens").model_kwargs(meta)
+    assert kwargs["vocab_size"] == 30522 and kwargs["seq_len"][0] == 6
+
+
+def test_mmsa_padded_length_is_the_default_seq_len(tmp_path):
+    data = mmsa_dict(seq=(6, 9, 11))
+    for part in data.values():  # every clip shorter than the padded 9 / 11 steps
+        part["audio_lengths"] = [min(n, 4) for n in part["audio_lengths"]]
+        part["vision_lengths"] = [min(n, 4) for n in part["vision_lengths"]]
+    path = write_pickle(tmp_path / "unaligned.pkl", data)
+    out = tmp_path / "out"
+    writer.convert(sources.read_source("mmsa", path), out, source_format="mmsa",
+                   source_path=path, log=lambda line: None)
+    assert load_metadata(out)["seq_len"] == [6, 9, 11]
+
+
+def test_text_bert_with_a_broken_mask_is_refused(tmp_path):
+    data = with_text_bert(mmsa_dict())
+    data["valid"]["text_bert"][1, 1, 0] = 0  # a hole at the start of clip 1's mask
+    with pytest.raises(DataError, match=r"valid.text_bert: the attention mask of clip 1 is not"):
+        sources.read_source("mmsa", write_pickle(tmp_path / "x.pkl", data))
+
+
+def _write_splits(folder, splits):
+    with open(os.path.join(folder, "splits.json"), "w") as f:
+        json.dump(splits, f)
+
+
+def test_csd_folds_of_video_ids_select_their_clips(tmp_path):
+    folder = csd_folder(tmp_path, n=12, with_splits=False)  # clips video0[0] .. video5[1]
+    _write_splits(folder, {"standard_train_fold": ["video0", "video1", "video2"],
+                           "standard_valid_fold": ["video3", "unknown_video"],
+                           "standard_test_fold": ["video4", "video5[1]"]})
+    splits = sources.read_source("csd", folder)
+    assert splits["train"].ids == ["video0[0]", "video0[1]", "video1[0]", "video1[1]",
+                                   "video2[0]", "video2[1]"]
+    assert splits["valid"].ids == ["video3[0]", "video3[1]"]
+    assert splits["test"].ids == ["video4[0]", "video4[1]", "video5[1]"]
+    out = tmp_path / "out"
+    writer.convert(splits, out, source_format="csd", source_path=folder, log=lambda line: None)
+    assert load_metadata(out)["splits"]["test"]["count"] == 3
+
+
+def test_csd_clip_order_is_numeric_within_a_video(tmp_path):
+    ids = [f"v[{i}]" for i in (0, 1, 2, 10, 11)]
+    for name, dim in (("text", 3), ("audio", 2), ("video", 2)):
+        write_csd(os.path.join(tmp_path, f"{name}.csd"), name,
+                  {k: np.ones((2, dim)) for k in ids})
+    write_csd(os.path.join(tmp_path, "labels.csd"), "labels", {k: np.ones((1, 1)) for k in ids})
+    _write_splits(tmp_path, {"train": ["v"], "valid": ["v[0]"], "test": ["v[1]"]})
+    assert sources.read_source("csd", str(tmp_path))["train"].ids == ids
+
+
+def test_csd_split_that_selects_nothing_is_one_clear_error(tmp_path, capsys):
+    folder = csd_folder(tmp_path, n=12, with_splits=False)
+    _write_splits(folder, {"train": ["video0"], "valid": ["nope", "video9"], "test": ["video5"]})
+    with pytest.raises(DataError, match=r"split 'valid' selects no clip: none of its 2 ids"):
+        sources.read_source("csd", folder)
+    with pytest.raises(SystemExit) as exit_info:
+        writer.main(["--format", "csd", "--input", folder, "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "selects no clip" in err[-1]
+    assert not os.path.exists(tmp_path / "out")
