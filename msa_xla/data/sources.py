@@ -9,10 +9,11 @@ Formats (facts in DESIGN.md §6):
   mult  MulT pickle (mosi_data.pkl, ...): {'train'|'valid'|'test': {'text', 'audio', 'vision',
         'labels' (N,1,1), optional 'id'}}.
   csd   a folder with CMU-MultimodalSDK files text.csd, audio.csd, video.csd, labels.csd and an
-        optional splits.json {"train": [ids], "valid": [...], "test": [...]}. The SDK's standard folds
-        (`standard_train_fold`, ... also accepted as keys) list video ids, while sequences aligned to
-        the labels are keyed per clip, `<video id>[<clip index>]`: an id selects the entry of that
-        name, or else every clip of that video. A split that selects nothing is an error.
+        optional splits.json {"train": [ids], "valid": [...], "test": [...]}. The SDK's standard
+        folds (`standard_train_fold`, ... also accepted as keys) list video ids, while sequences
+        aligned to the labels are keyed per clip, `<video id>[<clip index>]`: an id selects the
+        entry of that name, or else every clip of that video. A split that selects nothing is an
+        error.
 
 True lengths: taken from '<modality>_lengths' when the pickle has them; otherwise a clip's length is
 the number of rows up to and including its last row that is not all zeros (padding is assumed at the

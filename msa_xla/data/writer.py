@@ -78,7 +78,8 @@ def _validate(splits):
 def _default_seq_lens(splits):
     """Longest clip per modality, or the source's padded length when it reports one (pickles),
     so a converted MMSA pickle has the shapes MMSA's own loader yields."""
-    lens = {m: max(1, max(len(r) for s in SPLITS for r in splits[s].features[m])) for m in MODALITIES}
+    lens = {m: max(1, max(len(r) for s in SPLITS for r in splits[s].features[m]))
+            for m in MODALITIES}
     for split in SPLITS:
         for m, padded in (getattr(splits[split], "padded_lens", None) or {}).items():
             lens[m] = max(lens[m], int(padded))

@@ -167,7 +167,8 @@ class MulTAttention(keras.layers.Layer):
 
     def _heads(self, x):
         shape = tf.shape(x)
-        return tf.reshape(x, [shape[0], shape[1], -1, self.num_heads, self.head_dim])  # (B,T,n,H,Dh)
+        # (B, T, n*d) -> (B, T, n, H, Dh)
+        return tf.reshape(x, [shape[0], shape[1], -1, self.num_heads, self.head_dim])
 
     def call(self, query, key, value, query_mask, key_mask, training=None):
         d = self.model_dim
