@@ -57,6 +57,7 @@ def gpu_like_mirrored_strategy():
 
 
 # ---- 1: mixed precision under MirroredStrategy, through the trainer -------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("model, policy", [("seqlevel", "mixed_bfloat16"),
                                            ("seqlevel", "mixed_float16"),
                                            ("balanced", "mixed_bfloat16")])
@@ -234,6 +235,7 @@ def test_attention_logits_beyond_float16_range_stay_finite(impl):
 
 
 # ---- 5: remote storage: data, workdir and profiles on ram:// (TF's in-memory gfile, like gs://) --
+@pytest.mark.slow
 def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(capsys,
                                                                              monkeypatch):
     import signal

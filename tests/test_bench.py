@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TOP_LEVEL = ("command", "host", "config", "quick", "settings", "matmul_peak",
@@ -21,6 +23,7 @@ ATTENTION_ROW = ("impl", "seq_len", "best_ms", "median_ms", "peak_rss_mb", "base
                  "peak_mb_over_baseline")
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "MSA_XLA_DATA_HOME": str(tmp_path / "data")}

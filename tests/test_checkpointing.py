@@ -60,6 +60,7 @@ def _latest_step(workdir):
 CHECKPOINT_STEPS = sorted({*range(5, 36, 5), 12, 24})
 
 
+@pytest.mark.slow
 def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
         data_dir, tmp_path, uninterrupted):
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
@@ -94,6 +95,7 @@ def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
         np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = RESUME + ["--epochs=1", f"--data_dir={data_dir}", f"--workdir={workdir}"]
@@ -109,6 +111,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(data_dir, tmp_pat
     assert code == 0, err
 
 
+@pytest.mark.slow
+@pytest.mark.multiworker
 def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}", "--strategy=multi_worker"]
@@ -153,6 +157,7 @@ def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
     WorkdirLock(str(tmp_path)).acquire().release()  # free again once released
 
 
+@pytest.mark.slow
 def test_locked_workdir_through_the_cli(data_dir, tmp_path):
     lock = WorkdirLock(str(tmp_path / "run")).acquire()
     try:

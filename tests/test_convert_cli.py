@@ -35,6 +35,7 @@ def assert_refused(tmp_path, argv, capsys, message):
     assert set(os.listdir(tmp_path)) == before  # no output folder, no temp folder
 
 
+@pytest.mark.slow
 def test_cli_subprocess_synthetic_with_tokens(tmp_path):
     out = tmp_path / "synth"
     proc = subprocess.run(
@@ -51,6 +52,7 @@ def test_cli_subprocess_synthetic_with_tokens(tmp_path):
                                           for s in ("train", "valid", "test") for i in (0, 1)])
 
 
+@pytest.mark.slow
 def test_cli_subprocess_error_is_one_line_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, TOOL, "--format", "mmsa", "--input",
                            str(tmp_path / "nope.pkl"), "--output", str(tmp_path / "out")],

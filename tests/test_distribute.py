@@ -110,6 +110,7 @@ def test_cpu_strategy_has_one_replica_and_compiles_whole_step():
     assert get_strategy("AUTO").num_replicas_in_sync == 1  # no GPU, no TPU here
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_logical_cpus():
     output = _run_python(
         """
@@ -142,6 +143,7 @@ def test_mirrored_over_two_logical_cpus():
     }
 
 
+@pytest.mark.slow
 def test_multi_worker_single_worker_from_tf_config():
     with socket.socket() as probe:  # a free port for the one-worker gRPC server
         probe.bind(("localhost", 0))
@@ -235,6 +237,7 @@ def test_other_errors_are_not_lost_workers():
     assert lost_worker_message(ValueError("Collective ops is aborted by: x")) is None
 
 
+@pytest.mark.slow
 def test_split_step_logs_balanced_coefficients_on_two_cpu_replicas():
     # BalancedMSAModel's OGM-GE step joins the per-replica XLA plan through compute_gradients;
     # its coefficients must still reach the logs (updated outside XLA, averaged over the epoch).

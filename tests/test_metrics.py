@@ -241,6 +241,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_streaming_under_mirrored_strategy_two_logical_cpus():
     completed = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True, text=True, timeout=120

@@ -184,7 +184,6 @@ def test_trainer_builds_mult_from_flags():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_learns_the_tiny_dataset_through_the_trainer(tmp_path):
     from msa_xla.train import run
 

@@ -8,6 +8,8 @@ import pytest
 from msa_xla.config import TrainConfig
 from tests.train_helpers import make_tiny_dataset
 
+pytestmark = pytest.mark.slow  # trains through the trainer, then runs predict as a process
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -43,6 +43,7 @@ def profiled_run(tmp_path_factory):
                          "--attention_impl=reference")
 
 
+@pytest.mark.slow
 def test_xla_run_reports_xla_thunks(tmp_path):
     _, folder = _profiled_run(tmp_path, "--jit_compile=true")
     report = profile_report.profile_report(str(folder), quiet=True)
@@ -106,12 +107,14 @@ def test_worker_activity_sums_task_regions_over_the_capture(tmp_path):
         steps=1) is None
 
 
+@pytest.mark.slow
 def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
     _, folder = profiled_run
     paths = profile_report.find_xplanes(str(folder))
     assert len(paths) == 1 and paths[0].endswith(".xplane.pb") and os.path.getsize(paths[0]) > 0
 
 
+@pytest.mark.slow
 def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
     _, folder = profiled_run
     report = profile_report.profile_report(str(folder), top=10)
@@ -135,6 +138,7 @@ def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
     assert any("fusion/text_from_video/" in name for name in every)
 
 
+@pytest.mark.slow
 def test_report_cli_prints_table_and_writes_json(profiled_run, tmp_path):
     cwd, folder = profiled_run
     out = tmp_path / "report.json"
@@ -147,6 +151,7 @@ def test_report_cli_prints_table_and_writes_json(profiled_run, tmp_path):
     assert report["step_time_ms"]["mean"] > 0 and len(report["top_ops"]) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", ["empty", "missing"])
 def test_report_without_profile_is_one_clear_line_and_exit_2(tmp_path, make):
     folder = tmp_path / "no_profile"

@@ -38,6 +38,7 @@ def _train(cfg):
     return model_weights(f"{cfg.workdir}/seed_5/model.keras")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["seqlevel", "balanced"])  # balanced: its own train_step
 def test_four_steps_per_execution_give_the_same_weights_as_one(data_dir, tmp_path, model):
     one = _train(tiny_config(data_dir, tmp_path / "one", model=model, steps_per_execution=1))
@@ -81,6 +82,7 @@ class _SyncCounter:
         self.first, self.last = First(), Last()
 
 
+@pytest.mark.slow
 def test_one_host_read_per_execution_in_the_batch_hooks(data_dir, tmp_path, monkeypatch):
     counter = _SyncCounter(monkeypatch)
     real_build = seed_run.build_callbacks
@@ -105,6 +107,7 @@ def test_one_host_read_per_execution_in_the_batch_hooks(data_dir, tmp_path, monk
     assert min(executions[i] for i in (1, 4, 5)) >= 1, executions
 
 
+@pytest.mark.slow
 def test_mid_epoch_checkpoints_with_steps_not_dividing_checkpoint_every(data_dir, tmp_path,
                                                                         monkeypatch):
     saved = {}

@@ -32,6 +32,7 @@ def tiny_config(data_dir, workdir, **overrides):
     return TrainConfig(**values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["seqlevel", "msa", "improved", "balanced"])
 def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model):
     from msa_xla.train import run
@@ -57,6 +58,7 @@ def _xla_modules(dump_dir, name):
             if name in f and f.endswith("after_optimizations.txt") and "__compute_module" not in f}
 
 
+@pytest.mark.slow
 def test_train_step_traced_and_xla_compiled_once_over_two_epochs_with_validation(data_dir,
                                                                                  tmp_path):
     # One trace is not enough: a jit-compiled attention unit nested in the jit train step once
@@ -76,6 +78,7 @@ def test_train_step_traced_and_xla_compiled_once_over_two_epochs_with_validation
     assert seed_run["train_function_traces"] == 1
 
 
+@pytest.mark.slow
 def test_two_seeds_give_mean_and_std(data_dir, tmp_path):
     from msa_xla.train import run
 
@@ -112,6 +115,7 @@ def _assert_same_weights(actual, expected):
     assert worst < ATOL, worst
 
 
+@pytest.mark.slow
 def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
     code, _, err = run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
@@ -122,6 +126,8 @@ def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_we
     _assert_same_weights(model_weights(workdir / "seed_7" / "model.keras"), one_replica_weights)
 
 
+@pytest.mark.slow
+@pytest.mark.multiworker
 def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
     processes = start_workers(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
@@ -135,6 +141,7 @@ def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_r
 
 
 # ---- bad flags: one line, exit code 2 -----------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--model=transformer"], "model"),
     (["--batch_size=7", "--strategy=mirrored", "--cpu_replicas=2"], "not divisible"),
@@ -150,6 +157,7 @@ def test_bad_flags_end_with_one_line_and_exit_code_2(tmp_path, args, words):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path):
     # 17 valid/test clips = 3 batches of 8; one bad record each leaves 16 = 2 batches, so the
     # trainer must count the usable records (a third batch would run the input out of data).
