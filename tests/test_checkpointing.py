@@ -14,7 +14,7 @@ import tf_keras as keras
 from msa_xla.checkpointing import (CheckpointError, RunCheckpoint, WorkdirLock, rng_state_variables,
                                    sync_from_chief)
 from msa_xla.models import MODELS
-from tests.train_helpers import (TINY, finish_all, free_port, make_tiny_dataset, model_weights,
+from tests.train_helpers import (TINY, finish_all, free_ports, make_tiny_dataset, model_weights,
                                  results, run_train, start_workers)
 
 # 96 clips / batch 8 = 12 steps per epoch, 3 epochs = 36 steps; dropout on (its RNG state must be
@@ -116,7 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(data_dir, tmp_pat
 def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}", "--strategy=multi_worker"]
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     workers = start_workers(args, ports)
     try:
         _wait_for(os.path.join(workdir, "seed_3", "checkpoints", "checkpoint"), workers[0])

@@ -1,7 +1,6 @@
 """Tests for msa_xla.distribute: one-line errors, strategies on CPU, batch check, chief logic."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from msa_xla.distribute import (
     worker_index,
     xla_can_compile_collectives,
 )
+from tests.train_helpers import free_ports
 
 
 def _run_python(code, env_extra=None, timeout=120):
@@ -145,9 +145,7 @@ def test_mirrored_over_two_logical_cpus():
 
 @pytest.mark.slow
 def test_multi_worker_single_worker_from_tf_config():
-    with socket.socket() as probe:  # a free port for the one-worker gRPC server
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
+    (port,) = free_ports(1)  # for the one-worker gRPC server
     tf_config = {
         "cluster": {"worker": [f"localhost:{port}"]},
         "task": {"type": "worker", "index": 0},

@@ -9,7 +9,7 @@ import tf_keras as keras
 
 from msa_xla.config import TrainConfig
 from msa_xla.metrics import METRIC_KEYS
-from tests.train_helpers import (TINY, finish_all, free_port, make_tiny_dataset, model_weights,
+from tests.train_helpers import (TINY, finish_all, free_ports, make_tiny_dataset, model_weights,
                                  results, run_train, start_workers)
 
 
@@ -131,7 +131,7 @@ def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_we
 def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
     processes = start_workers(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
-                                       "--strategy=multi_worker"], [free_port(), free_port()])
+                                       "--strategy=multi_worker"], free_ports(2))
     outputs = finish_all(processes)
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err

@@ -1,6 +1,7 @@
 """Shared helpers of the trainer tests: a tiny dataset, tiny-model flags, subprocess runs."""
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -35,10 +36,43 @@ def run_train(args, *, timeout=240, env=None, wait=True):
     return process.returncode, out, err
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ports_below_the_ephemeral_range():
+    """(low, high) ports that the kernel never hands out by itself, or None."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (10000, first_ephemeral) if first_ephemeral > 11000 else None
+
+
+def free_ports(count):
+    """`count` distinct ports, free now, for a cluster of worker processes on 127.0.0.1.
+
+    The workers bind them seconds later, after importing TensorFlow. A port from bind(0) is in
+    the ephemeral range, where any process's outgoing connection (another worker's gRPC channel,
+    a parallel test) may take it in between; so the ports are drawn at random (the OS's
+    randomness: the tests seed `random`) from below that range, which only an explicit bind to
+    the same number can take. All are held while drawing, so they are distinct."""
+    span = _ports_below_the_ephemeral_range()
+    draw = random.SystemRandom()
+    held = []
+    try:
+        for _ in range(1000):
+            if len(held) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("0.0.0.0", draw.randrange(*span) if span else 0))
+            except OSError:  # in use: draw again
+                s.close()
+                continue
+            held.append(s)
+        assert len(held) == count, "no free ports"
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def model_weights(path):
