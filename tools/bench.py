@@ -87,8 +87,10 @@ def timed_calls(call, reps):
 
 def gflops(flops, seconds):
     """Best and median GFLOP/s of timed runs of `flops` each."""
-    return {"best_gflops": round(flops / min(seconds) / 1e9, 1),
-            "median_gflops": round(flops / statistics.median(seconds) / 1e9, 1)}
+    # 3 decimals: --quick's small matmuls on a loaded host run below 0.05 GFLOP/s, which one
+    # decimal rounded to 0.0.
+    return {"best_gflops": round(flops / min(seconds) / 1e9, 3),
+            "median_gflops": round(flops / statistics.median(seconds) / 1e9, 3)}
 
 
 def matmul_peak(dtype_name, n, reps):
