@@ -6,8 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.test_data_sources import mmsa_dict, write_pickle
-from tests.test_mult import with_text_bert
+from tests.test_data_sources import mmsa_dict, with_text_bert, write_pickle
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
 

@@ -40,6 +40,21 @@ def mmsa_dict(seed=0, sizes=SPLIT_SIZES, dims=(8, 5, 6), seq=(6, 9, 11)):
     return data
 
 
+def with_text_bert(data, seed=0):
+    """Adds MMSA's text_bert (N, 3, T): [CLS] ids [SEP], 0-padded; mask; segment ids."""
+    rng = np.random.default_rng(seed)
+    for part in data.values():
+        n, length = part["text"].shape[:2]
+        lengths = rng.integers(2, length + 1, n)
+        ids, mask = np.zeros((n, length)), np.zeros((n, length))
+        for i, size in enumerate(lengths):
+            ids[i, :size] = rng.integers(1000, 30522, size)
+            ids[i, 0], ids[i, size - 1] = 101, 102
+            mask[i, :size] = 1
+        part["text_bert"] = np.stack([ids, mask, np.zeros((n, length))], axis=1)
+    return data
+
+
 def mult_dict(seed=1, sizes=SPLIT_SIZES, dims=(7, 4, 3), seq=5):
     rng = np.random.default_rng(seed)
     data = {}

@@ -79,8 +79,15 @@ def test_jit_compiled_train_step_updates_every_weight(case):
         return loss
 
     assert np.isfinite(step())
-    changed = [not np.allclose(b, w.numpy()) for b, w in zip(before, layer.trainable_weights)]
-    assert sum(changed) >= len(changed) - 1  # all weights learn (a bias may sit at a zero grad)
+    unchanged = [w.name for b, w in zip(before, layer.trainable_weights)
+                 if np.allclose(b, w.numpy()) and not _zero_gradient_by_construction(w)]
+    assert not unchanged, f"weights that did not learn: {unchanged}"
+
+
+def _zero_gradient_by_construction(weight):
+    """An attention-pooling score's bias shifts every step's logit alike, and a softmax is
+    invariant to that shift: its exact gradient is 0 (what the step computes is rounding noise)."""
+    return "/pool_" in weight.name and weight.name.endswith("/bias:0")
 
 
 @pytest.mark.parametrize("policy", POLICIES[1:])

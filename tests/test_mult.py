@@ -17,7 +17,7 @@ from msa_xla.models.mult import (DROPOUTS, _masked_attention_with_dropout, causa
                                  last_valid_step, sinusoidal_positions)
 from tests.model_checks import (assert_static_hlo, hlo_text, learnable_targets, padded_inputs,
                                 with_noisy_padding)
-from tests.test_data_sources import csd_folder, mmsa_dict, write_csd, write_pickle
+from tests.test_data_sources import csd_folder, mmsa_dict, with_text_bert, write_csd, write_pickle
 from tests.train_helpers import make_tiny_dataset, results
 
 SMALL = dict(seq_len=(6, 8, 10), text_dim=12, audio_dim=7, video_dim=5, model_dim=16,
@@ -203,21 +203,6 @@ def test_learns_the_tiny_dataset_through_the_trainer(tmp_path):
 
 
 # ---- data: MMSA text_bert and .csd folds ------------------------------------------------------
-def with_text_bert(data, seed=0):
-    """Adds MMSA's text_bert (N, 3, T): [CLS] ids [SEP], 0-padded; mask; segment ids."""
-    rng = np.random.default_rng(seed)
-    for part in data.values():
-        n, length = part["text"].shape[:2]
-        lengths = rng.integers(2, length + 1, n)
-        ids, mask = np.zeros((n, length)), np.zeros((n, length))
-        for i, size in enumerate(lengths):
-            ids[i, :size] = rng.integers(1000, 30522, size)
-            ids[i, 0], ids[i, size - 1] = 101, 102
-            mask[i, :size] = 1
-        part["text_bert"] = np.stack([ids, mask, np.zeros((n, length))], axis=1)
-    return data
-
-
 def test_mmsa_text_bert_becomes_the_token_input(tmp_path):
     data = with_text_bert(mmsa_dict())
     path = write_pickle(tmp_path / "aligned.pkl", data)

@@ -19,7 +19,7 @@ import pytest
 
 from msa_xla.data import DataError, safe_pickle, sources, writer
 from tests.test_convert_cli import run_main
-from tests.test_data_sources import check_round_trip, mmsa_dict, mult_dict
+from tests.test_data_sources import check_round_trip, mmsa_dict, mult_dict, with_text_bert
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROTOCOLS = list(range(pickle.HIGHEST_PROTOCOL + 1))
@@ -204,10 +204,10 @@ def mmsa_unaligned():
     data = mmsa_dict()
     data["train"]["audio"][0, 0, 1] = -np.inf
     data["valid"]["audio"][1, 2, 0] = -np.inf
-    rng = np.random.default_rng(5)
-    for split, part in data.items():
+    with_text_bert(data, seed=5)
+    for part in data.values():
         n = len(part["id"])
-        part["text_bert"] = rng.integers(0, 3000, (n, 3, 6)).astype(np.float32)
+        part["text_bert"] = part["text_bert"].astype(np.float32)  # MMSA stores it as float32
         part["annotations"] = np.array(["Positive"] * n, dtype=object)
         part["classification_labels"] = np.sign(part["regression_labels"]).astype(np.float32)
     return data
