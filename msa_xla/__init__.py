@@ -6,11 +6,16 @@ Public names (the spec's `models` package):
     from msa_xla.data import make_dataset
 """
 
-from msa_xla.layers import (AdaptiveFusionHead, CrossAttentionBlock, CrossModalFusion,
-                            LearnablePositionalEmbedding, ModalityEncoder, TransformerBlock,
-                            create_padding_mask)
-from msa_xla.models import (BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel,
-                            MulTModel)
+from msa_xla.layers import (
+                            AdaptiveFusionHead,
+                            CrossAttentionBlock,
+                            CrossModalFusion,
+                            LearnablePositionalEmbedding,
+                            ModalityEncoder,
+                            TransformerBlock,
+                            create_padding_mask,
+)
+from msa_xla.models import BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel, MulTModel
 
 __version__ = "0.1.0"
 

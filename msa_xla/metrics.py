@@ -1,6 +1,6 @@
 """MSA regression metrics: a numpy reference and a streaming in-graph Keras metric.
 
-The definitions are MMSA's for MOSI/MOSEI regression (DESIGN.md §7), over predictions
+The definitions are MMSA's for MOSI/MOSEI regression (docs/ARCHITECTURE.md §5), over predictions
 `p` and labels `y`:
 
 - `MAE`: mean |p - y|; `Corr`: Pearson r. Both on unclipped values.

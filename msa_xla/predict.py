@@ -18,8 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from msa_xla import storage  # noqa: E402
-from msa_xla.cli_errors import absl_flags_parser, report_error  # noqa: E402
+from msa_xla import cli  # noqa: E402
+from msa_xla.errors import UserError  # noqa: E402
+from msa_xla.runtime import storage  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +45,7 @@ def find_model_file(model_dir: str) -> str:
         path = storage.join(model_dir, name)
         if storage.isfile(path):
             return path
-    raise FileNotFoundError(f"no best_model.keras or model.keras in {model_dir}")
+    raise UserError(f"no best_model.keras or model.keras in {model_dir}")
 
 
 def clip_ids(data_dir: str, split: str) -> list[str]:
@@ -66,7 +67,7 @@ def predict_split(model, data_dir: str, split: str, batch_size: int = 32):
     """Returns (ids, predictions, labels) over every clip of the split, in source order."""
     import numpy as np
 
-    from msa_xla.data import make_dataset
+    from msa_xla.data import DataError, make_dataset
 
     text_input = getattr(model, "text_input", "features")
     dataset = make_dataset(data_dir, split, batch_size, shuffle=False, drop_remainder=False,
@@ -78,7 +79,7 @@ def predict_split(model, data_dir: str, split: str, batch_size: int = 32):
     ids = clip_ids(data_dir, split)
     preds, labels = np.concatenate(preds), np.concatenate(labels)
     if len(ids) != len(preds):
-        raise ValueError(f"{data_dir}: {len(ids)} clip ids but {len(preds)} predictions")
+        raise DataError(f"{data_dir}: {len(ids)} clip ids but {len(preds)} predictions")
     return ids, preds, labels
 
 
@@ -95,11 +96,11 @@ def run(model_dir: str, data_dir: str | None = None, split: str = "test",
         output: str | None = None, batch_size: int = 32) -> int:
     """Predict `split` with the model `model_dir` names into a CSV (default
     <model_dir>/predictions_<split>.csv); returns the exit code (2 after one `error:` line)."""
-    from msa_xla.data import DataError, ensure_builtin_dataset
+    from msa_xla.data import ensure_builtin_dataset
 
     try:
         if not model_dir:
-            raise ValueError("--model_dir is required")
+            raise UserError("--model_dir is required")
         model_file = find_model_file(model_dir)
         data_dir = data_dir or ensure_builtin_dataset()
         from msa_xla.data import load_metadata
@@ -116,8 +117,8 @@ def run(model_dir: str, data_dir: str | None = None, split: str = "test",
         out_dir = model_dir if storage.isdir(model_dir) else storage.dirname(model_file)
         output = output or storage.join(out_dir, f"predictions_{split}.csv")
         write_csv(output, ids, preds, labels)
-    except (ValueError, DataError, FileNotFoundError, OSError) as error:
-        return report_error(error)
+    except (UserError, OSError) as error:  # OSError: an unreadable model or data file
+        return cli.report_error(error)
     metrics = msa_metrics(labels, preds)
     print(f"{len(ids)} predictions -> {output}; MAE {metrics['MAE']:.4f}, "
           f"Non0_acc_2 {100 * metrics['Non0_acc_2']:.2f}%", flush=True)
@@ -130,4 +131,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=absl_flags_parser(FLAGS))
+    app.run(main, flags_parser=cli.absl_flags_parser(FLAGS))

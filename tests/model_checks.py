@@ -4,12 +4,13 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.options import POLICIES  # noqa: F401  (re-exported to the layer and model tests)
+
 SEQ_LENS = (6, 8, 10)
 DIMS = (12, 7, 5)
 SMALL = dict(seq_len=SEQ_LENS, text_dim=DIMS[0], audio_dim=DIMS[1], video_dim=DIMS[2],
              model_dim=16, num_heads=4, ff_dim=32, n_layers_mod=1, n_layers_fuse=1,
              dropout_rate=0.0)
-POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def padded_inputs(batch=4, seed=0, seq_lens=SEQ_LENS, dims=DIMS):

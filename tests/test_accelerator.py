@@ -17,9 +17,9 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.compat import fresh_collective_keys
-from msa_xla.config import TrainConfig
 from msa_xla.data import load_metadata
+from msa_xla.runtime.compat import fresh_collective_keys
+from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import make_tiny_dataset, results
 
 pytestmark = pytest.mark.accelerator
@@ -65,7 +65,7 @@ def test_mirrored_two_cpus_with_mixed_precision_trains_and_writes_results(token_
                                                                           model, policy):
     # The issue's reproduction: epoch-end metrics of a mixed policy used to raise
     # NotImplementedError (AutoCastVariable metric state read in a sync-on-read context).
-    from msa_xla.train import run
+    from msa_xla.trainer.main import run
 
     cfg = tiny_config(token_data, tmp_path / "run", model=model, strategy="mirrored",
                       precision=policy)
@@ -77,7 +77,7 @@ def test_mirrored_two_cpus_with_mixed_precision_trains_and_writes_results(token_
 
 # ---- 1, 2, 6: the GPU path (no merge_call) for every model, policy and text input ---------------
 def _build(cfg, strategy):
-    from msa_xla.seed_run import _build_model
+    from msa_xla.trainer.loop import _build_model
 
     meta = load_metadata(cfg.data_dir)
     return _build_model(cfg, meta, strategy, seed=3)[0], meta
@@ -96,8 +96,8 @@ def _op_types(concrete_function):
 @pytest.mark.parametrize("policy", MIXED)
 @pytest.mark.parametrize("model", MODELS)
 def test_gpu_path_fit_and_evaluate(token_data, tmp_path, model, policy, text_input):
-    from msa_xla import precision
-    from msa_xla.train_input import eval_data, train_data
+    from msa_xla.runtime import precision
+    from msa_xla.trainer.inputs import eval_data, train_data
 
     precision.apply_precision(policy)
     strategy = gpu_like_mirrored_strategy()
@@ -124,7 +124,7 @@ def test_gpu_path_progress_logs_are_not_multiplied_by_the_replica_count(token_da
     strategy = gpu_like_mirrored_strategy()
     cfg = tiny_config(token_data, tmp_path / "run", jit_compile="false", learning_rate=1e-9)
     built, _ = _build(cfg, strategy)
-    from msa_xla.train_input import eval_data
+    from msa_xla.trainer.inputs import eval_data
 
     valid = eval_data(cfg.data_dir, "valid", 8, strategy)
     seen = []
@@ -133,7 +133,7 @@ def test_gpu_path_progress_logs_are_not_multiplied_by_the_replica_count(token_da
     logs = built.evaluate(valid, steps=2, return_dict=True, verbose=0, callbacks=[batch_logs])
     predictions = []
     labels = []
-    for inputs, label, weight in eval_data(cfg.data_dir, "valid", 8,
+    for inputs, label, _weight in eval_data(cfg.data_dir, "valid", 8,
                                            tf.distribute.get_strategy()).take(2):
         predictions.append(built(inputs, training=False).numpy()[:, 0])
         labels.append(label.numpy().ravel())
@@ -148,8 +148,8 @@ def _trace_linear_gradient(device=None, tpu=False):
     inside a device scope or a TPU replicate context, as the strategies trace a replica."""
     import contextlib
 
-    from msa_xla.compat import xla_target_platform
     from msa_xla.kernels import linear
+    from msa_xla.runtime.compat import xla_target_platform
 
     platforms = []
 
@@ -241,9 +241,9 @@ def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(cap
     import signal
     import uuid
 
-    from msa_xla import seed_run
     from msa_xla.data import synthetic, writer
-    from msa_xla.train import run
+    from msa_xla.trainer import loop
+    from msa_xla.trainer.main import run
     from tests.train_helpers import DIMS, SEQ_LEN, SIZES
 
     root = f"ram://accelerator-{uuid.uuid4().hex}"
@@ -253,7 +253,7 @@ def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(cap
     cfg = dict(epochs=2, checkpoint_every=3, profile_steps=(2, 3), profile_dir=profile_dir)
 
     # First run: preempted (SIGTERM) after step 5 of 16, as a TPU VM's maintenance event would.
-    real_build = seed_run.build_callbacks
+    real_build = loop.build_callbacks
 
     def with_preemption(*args, **kwargs):
         callbacks, handles = real_build(*args, **kwargs)
@@ -261,14 +261,14 @@ def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(cap
             os.kill(os.getpid(), signal.SIGTERM) if batch == 4 else None))
         return [preempt] + callbacks, handles
 
-    monkeypatch.setattr(seed_run, "build_callbacks", with_preemption)
+    monkeypatch.setattr(loop, "build_callbacks", with_preemption)
     assert run(tiny_config(data_dir, workdir, **cfg)) == 143
-    monkeypatch.setattr(seed_run, "build_callbacks", real_build)
+    monkeypatch.setattr(loop, "build_callbacks", real_build)
     assert not os.path.exists("ram:")  # os.path.abspath("ram://x") would be ./ram:/x
     checkpoints = tf.io.gfile.listdir(f"{workdir}/seed_1111/checkpoints")
     assert {"ckpt-3.index", "ckpt-5.index", "trainer-5.json", "identity.json"} <= set(
         checkpoints), checkpoints
-    from msa_xla import profile_report
+    from msa_xla.profiling import report as profile_report
 
     assert profile_report.find_xplanes(profile_dir)[0].startswith(f"{profile_dir}/plugins/")
     capsys.readouterr()

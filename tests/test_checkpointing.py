@@ -11,11 +11,24 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from msa_xla.checkpointing import (CheckpointError, RunCheckpoint, WorkdirLock, rng_state_variables,
-                                   sync_from_chief)
 from msa_xla.models import MODELS
-from tests.train_helpers import (TINY, finish_all, free_ports, make_tiny_dataset, model_weights,
-                                 results, run_train, start_workers)
+from msa_xla.trainer.checkpointing import (
+    CheckpointError,
+    RunCheckpoint,
+    WorkdirLock,
+    rng_state_variables,
+    sync_from_chief,
+)
+from tests.train_helpers import (
+    TINY,
+    finish_all,
+    free_ports,
+    make_tiny_dataset,
+    model_weights,
+    results,
+    run_train,
+    start_workers,
+)
 
 # 96 clips / batch 8 = 12 steps per epoch, 3 epochs = 36 steps; dropout on (its RNG state must be
 # restored too), checkpoints every 5 steps so the kill lands mid-epoch.

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msa_xla.data import DataError, make_dataset, schema, synthetic, writer
-from msa_xla.data import integrity
+from msa_xla.data import DataError, integrity, make_dataset, schema, synthetic, writer
 from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards
 
 SIZES = (8, 3, 3)

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msa_xla.data import DataError, ensure_builtin_dataset, load_metadata, make_dataset, writer
-from msa_xla.data import builtin, synthetic
+from msa_xla.data import (
+    DataError,
+    builtin,
+    ensure_builtin_dataset,
+    load_metadata,
+    make_dataset,
+    synthetic,
+    writer,
+)
 
 SIZES = (40, 12, 18)
 

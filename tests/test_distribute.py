@@ -1,4 +1,4 @@
-"""Tests for msa_xla.distribute: one-line errors, strategies on CPU, batch check, chief logic."""
+"""Tests for msa_xla.runtime.distribute: one-line errors, strategies on CPU, batch check, chief logic."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import tensorflow as tf
 
-from msa_xla.distribute import (
+from msa_xla.runtime.distribute import (
     STRATEGIES,
     StrategyError,
     check_global_batch,
@@ -119,7 +119,7 @@ def test_mirrored_over_two_logical_cpus():
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from msa_xla.distribute import (device_platform, get_strategy, is_chief,
+        from msa_xla.runtime.distribute import (device_platform, get_strategy, is_chief,
                                         xla_can_compile_collectives)
         mirrored = get_strategy("mirrored")
         auto = get_strategy("auto")
@@ -153,7 +153,7 @@ def test_multi_worker_single_worker_from_tf_config():
     output = _run_python(
         """
         import json
-        from msa_xla.distribute import get_strategy, is_chief, worker_index
+        from msa_xla.runtime.distribute import get_strategy, is_chief, worker_index
         strategy = get_strategy("multi_worker")
         import tensorflow as tf
         multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -247,9 +247,9 @@ def test_split_step_logs_balanced_coefficients_on_two_cpu_replicas():
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import tf_keras as keras
-        from msa_xla.distribute import get_strategy
+        from msa_xla.runtime.distribute import get_strategy
         from msa_xla.models import BalancedMSAModel
-        from msa_xla.train_step import install_split_step, plan_jit
+        from msa_xla.trainer.step import install_split_step, plan_jit
 
         strategy = get_strategy("mirrored")
         with strategy.scope():

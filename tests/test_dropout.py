@@ -87,7 +87,7 @@ def test_seeded_generator_makes_masks_reproducible():
         for _ in range(2):
             keras.utils.set_random_seed(5)
             layer = Dropout(RATE)
-            step = tf.function(lambda x: layer(x, training=True), jit_compile=True)
+            step = tf.function(lambda x, layer=layer: layer(x, training=True), jit_compile=True)
             x = tf.ones([16, 64])
             masks.append([step(x).numpy() != 0 for _ in range(2)])
     finally:

@@ -4,11 +4,17 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla import (AdaptiveFusionHead, CrossAttentionBlock, CrossModalFusion,
-                     LearnablePositionalEmbedding, ModalityEncoder, TransformerBlock,
-                     create_padding_mask)
+from msa_xla import (
+    AdaptiveFusionHead,
+    CrossAttentionBlock,
+    CrossModalFusion,
+    LearnablePositionalEmbedding,
+    ModalityEncoder,
+    TransformerBlock,
+    create_padding_mask,
+)
 from msa_xla.layers import MaskedMultiHeadAttention, masked_mean
-from tests.model_checks import POLICIES, assert_config_round_trip, padded_inputs
+from tests.model_checks import POLICIES, assert_config_round_trip
 
 D = 16
 

@@ -7,13 +7,21 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla import BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel
+from msa_xla import ImprovedMSAModel, MSAModel, MSASeqLevelModel
 from msa_xla.models import MODELS
 from msa_xla.models.balanced import modulation_coefficients
 from msa_xla.models.mult import DROPOUTS as MULT_DROPOUTS
-from tests.model_checks import (POLICIES, SMALL, assert_config_round_trip, assert_static_hlo,
-                                fit_losses, hlo_text, learnable_targets, padded_inputs,
-                                with_noisy_padding)
+from tests.model_checks import (
+    POLICIES,
+    SMALL,
+    assert_config_round_trip,
+    assert_static_hlo,
+    fit_losses,
+    hlo_text,
+    learnable_targets,
+    padded_inputs,
+    with_noisy_padding,
+)
 
 MODEL_NAMES = sorted(MODELS)
 

@@ -10,13 +10,23 @@ import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla import MulTModel
-from msa_xla.config import TrainConfig
 from msa_xla.data import DataError, load_metadata, make_dataset, sources, writer
 from msa_xla.kernels import masked_attention
-from msa_xla.models.mult import (DROPOUTS, _masked_attention_with_dropout, causal_keys,
-                                 last_valid_step, sinusoidal_positions)
-from tests.model_checks import (assert_static_hlo, hlo_text, learnable_targets, padded_inputs,
-                                with_noisy_padding)
+from msa_xla.models.mult import (
+    DROPOUTS,
+    _masked_attention_with_dropout,
+    causal_keys,
+    last_valid_step,
+    sinusoidal_positions,
+)
+from msa_xla.trainer.config import TrainConfig
+from tests.model_checks import (
+    assert_static_hlo,
+    hlo_text,
+    learnable_targets,
+    padded_inputs,
+    with_noisy_padding,
+)
 from tests.test_data_sources import csd_folder, mmsa_dict, with_text_bert, write_csd, write_pickle
 from tests.train_helpers import make_tiny_dataset, results
 
@@ -185,7 +195,7 @@ def test_trainer_builds_mult_from_flags():
 
 @pytest.mark.slow
 def test_learns_the_tiny_dataset_through_the_trainer(tmp_path):
-    from msa_xla.train import run
+    from msa_xla.trainer.main import run
 
     data_dir = make_tiny_dataset(tmp_path / "data")
     cfg = TrainConfig(data_dir=data_dir, workdir=str(tmp_path / "run"), model="mult",

@@ -1,11 +1,11 @@
-"""Tests for msa_xla.precision: policy resolution per platform, global policy, loss scaling."""
+"""Tests for msa_xla.runtime.precision: policy resolution per platform, global policy, loss scaling."""
 import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla import precision as precision_module
-from msa_xla.distribute import get_strategy
-from msa_xla.precision import (
+from msa_xla.runtime import precision as precision_module
+from msa_xla.runtime.distribute import get_strategy
+from msa_xla.runtime.precision import (
     POLICIES,
     PrecisionError,
     apply_precision,

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from msa_xla.config import TrainConfig
+from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import make_tiny_dataset
 
 pytestmark = pytest.mark.slow  # trains through the trainer, then runs predict as a process
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # trains through the trainer, then runs predict a
 def trained(tmp_path_factory):
     import tf_keras as keras
 
-    from msa_xla.train import run
+    from msa_xla.trainer.main import run
 
     data_dir = make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=(32, 8, 13))
     workdir = tmp_path_factory.mktemp("run") / "run"

@@ -1,5 +1,5 @@
 """Profiling end to end: a short CPU training run with --profile_steps leaves a profile under
-profiles/<run name>/, and the report on it (msa_xla.profile_report, tools/profile_report.py)
+profiles/<run name>/, and the report on it (msa_xla.profiling.report, tools/profile_report.py)
 gives step time, input-wait share and the model's attention ops; a folder without a profile
 exits 2.
 
@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from msa_xla import profile_report, profiling
+from msa_xla.profiling import capture as profiling
+from msa_xla.profiling import report as profile_report
 from tests.train_helpers import TINY, make_tiny_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,12 +11,10 @@ import warnings
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from msa_xla import storage
-from msa_xla.data import (DataError, integrity, load_metadata, make_dataset, schema, synthetic,
-                          writer)
+from msa_xla.data import DataError, integrity, load_metadata, make_dataset, schema, synthetic, writer
 from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards
+from msa_xla.runtime import storage
 
 SIZES = (20, 6, 9)
 SEQ_LEN = (6, 8, 5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from msa_xla.metrics import METRIC_KEYS
-from msa_xla.results import build_results, format_table, summarize, write_results
+from msa_xla.trainer.results import build_results, format_table, summarize, write_results
 
 
 def _seed(seed, mae):

@@ -78,6 +78,7 @@ def test_explicit_masks():
 
 def test_mixed_precision_training():
     from tf_keras import mixed_precision
+
     from msa_xla import MSASeqLevelModel
 
     policy = mixed_precision.Policy('mixed_float16')
@@ -120,8 +121,13 @@ def test_adaptive_fusion_head_independently():
 
 
 def test_custom_architecture_from_reusable_parts():
-    from msa_xla import (TransformerBlock, CrossAttentionBlock, CrossModalFusion,  # noqa: F401
-                         AdaptiveFusionHead, LearnablePositionalEmbedding)
+    from msa_xla import (  # noqa: F401
+        AdaptiveFusionHead,
+        CrossAttentionBlock,
+        CrossModalFusion,
+        LearnablePositionalEmbedding,
+        TransformerBlock,
+    )
 
     class CustomMSAModel(tf_keras.Model):
         def __init__(self, model_dim=256, **kwargs):

@@ -5,9 +5,9 @@ import pytest
 import tf_keras as keras
 from tensorflow.python.framework import ops as tf_ops
 
-from msa_xla import seed_run
-from msa_xla.config import TrainConfig
-from msa_xla.train_step import AUTO_STEPS_PER_EXECUTION, steps_per_execution_for
+from msa_xla.trainer import loop
+from msa_xla.trainer.config import TrainConfig
+from msa_xla.trainer.step import AUTO_STEPS_PER_EXECUTION, steps_per_execution_for
 from tests.train_helpers import make_tiny_dataset, model_weights
 
 
@@ -32,7 +32,7 @@ def tiny_config(data_dir, workdir, **overrides):
 
 
 def _train(cfg):
-    from msa_xla.train import run
+    from msa_xla.trainer.main import run
 
     assert run(cfg) == 0
     return model_weights(f"{cfg.workdir}/seed_5/model.keras")
@@ -85,13 +85,13 @@ class _SyncCounter:
 @pytest.mark.slow
 def test_one_host_read_per_execution_in_the_batch_hooks(data_dir, tmp_path, monkeypatch):
     counter = _SyncCounter(monkeypatch)
-    real_build = seed_run.build_callbacks
+    real_build = loop.build_callbacks
 
     def build_with_probes(*args, **kwargs):
         callbacks, handles = real_build(*args, **kwargs)
         return [counter.first] + callbacks + [counter.last], handles
 
-    monkeypatch.setattr(seed_run, "build_callbacks", build_with_probes)
+    monkeypatch.setattr(loop, "build_callbacks", build_with_probes)
     _train(tiny_config(data_dir, tmp_path / "run", steps_per_execution=4, checkpoint_every=5,
                        profile_steps=(20, 22), profile_dir=str(tmp_path / "profile")))
     # 2 epochs x 3 executions, ending at steps 4, 8, 12 | 16, 20, 24. The NaN check's read of
@@ -111,14 +111,14 @@ def test_one_host_read_per_execution_in_the_batch_hooks(data_dir, tmp_path, monk
 def test_mid_epoch_checkpoints_with_steps_not_dividing_checkpoint_every(data_dir, tmp_path,
                                                                         monkeypatch):
     saved = {}
-    real_build = seed_run.build_callbacks
+    real_build = loop.build_callbacks
 
     def keep_handles(*args, **kwargs):
         callbacks, handles = real_build(*args, **kwargs)
         saved["checkpoint"] = handles["checkpoint"]
         return callbacks, handles
 
-    monkeypatch.setattr(seed_run, "build_callbacks", keep_handles)
+    monkeypatch.setattr(loop, "build_callbacks", keep_handles)
     _train(tiny_config(data_dir, tmp_path / "run", steps_per_execution=4, checkpoint_every=6))
     # Executions end at steps 4, 8, 12 | 16, 20, 24: mid-epoch saves once 6 steps have passed
     # (8, 20), and every epoch end (12, 24).

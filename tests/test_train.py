@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from msa_xla.config import TrainConfig
 from msa_xla.metrics import METRIC_KEYS
-from tests.train_helpers import (TINY, finish_all, free_ports, make_tiny_dataset, model_weights,
-                                 results, run_train, start_workers)
+from msa_xla.trainer.config import TrainConfig
+from tests.train_helpers import (
+    TINY,
+    finish_all,
+    free_ports,
+    make_tiny_dataset,
+    model_weights,
+    results,
+    run_train,
+    start_workers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def tiny_config(data_dir, workdir, **overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["seqlevel", "msa", "improved", "balanced"])
 def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model):
-    from msa_xla.train import run
+    from msa_xla.trainer.main import run
 
     assert run(tiny_config(data_dir, tmp_path / "run", model=model)) == 0
     res = results(tmp_path / "run")
@@ -80,7 +88,7 @@ def test_train_step_traced_and_xla_compiled_once_over_two_epochs_with_validation
 
 @pytest.mark.slow
 def test_two_seeds_give_mean_and_std(data_dir, tmp_path):
-    from msa_xla.train import run
+    from msa_xla.trainer.main import run
 
     assert run(tiny_config(data_dir, tmp_path / "run", epochs=1, seeds=(1, 2))) == 0
     res = results(tmp_path / "run")
@@ -144,8 +152,8 @@ def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_r
 def _main_in_process(argv, capsys):
     """`python -m msa_xla.train ARGV` in this process, as entry_point runs it (the same flag
     parser, then main): (exit code, stderr). The flags are reset afterwards."""
-    from msa_xla.cli_errors import absl_flags_parser
-    from msa_xla.train import FLAGS, main
+    from msa_xla.cli import absl_flags_parser
+    from msa_xla.trainer.main import FLAGS, main
 
     try:
         code = main(absl_flags_parser(FLAGS)(["msa_xla.train", *argv]))

@@ -23,7 +23,7 @@ Example:
 import tensorflow as tf
 import tf_keras as keras
 
-MODALITIES = ("text", "audio", "video")
+from msa_xla.options import MODALITIES
 
 
 class BaselineBlock(keras.layers.Layer):

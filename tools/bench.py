@@ -14,7 +14,7 @@ Sections (all in one process except the attention memory probes):
    (3) the stock tf_keras build of the same architecture (tools/baseline_model.py; equal parameter
    count asserted). Candidates are interleaved over several rounds (order rotated each round):
    on this shared machine identical runs drift between ~125 and ~195 samples/s for seconds at a
-   time (DESIGN.md §9), so we quote best-of-rounds, the median, and ratios of both.
+   time (docs/ARCHITECTURE.md §6), so we quote best-of-rounds, the median, and ratios of both.
    Model FLOPs per sample come from the config (matmuls x3 for forward + backward); MFU is
    against the measured float32 and bfloat16 peaks. The tracing count of `model.train_function`
    after warm-up and at the end shows whether any step recompiled.
@@ -40,7 +40,8 @@ TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TOOLS_DIR)
 sys.path[:0] = [TOOLS_DIR, REPO_DIR]  # run from a checkout; the other bench_* tools
 
-from bench_attention import SPEC as ATTENTION_SPEC, bench_attention  # noqa: E402
+from bench_attention import SPEC as ATTENTION_SPEC  # noqa: E402
+from bench_attention import bench_attention  # noqa: E402
 from bench_report import evaluate_targets, format_report  # noqa: E402
 
 # The spec's training config (issue: B=32, T=50, 300/74/47, 4 heads, 2 encoder + 1 fusion layers).
@@ -63,8 +64,8 @@ def host_info():
     try:
         with open("/proc/cpuinfo") as f:
             lines = f.read().splitlines()
-        cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-        flags = next(l.split(":", 1)[1].split() for l in lines if l.startswith("flags"))
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
         isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     except (OSError, StopIteration):
         isa = []
@@ -134,7 +135,7 @@ def projection_matmul_rates(cfg, sizes, calls, reps):
                                                  for i in range(calls)],
                     jit_compile=True)
                 flops = 2 * rows * k * n * calls
-                seconds = timed_calls(lambda: matmuls(a, b)[-1].numpy(), reps)
+                seconds = timed_calls(lambda f=matmuls, a=a, b=b: f(a, b)[-1].numpy(), reps)
                 flops_total += flops
                 seconds_total += min(seconds)
                 out.append({"model_dim": d, "ff_dim": ff, "projection": name, "pass": role,
@@ -208,8 +209,8 @@ def synthetic_dataset(cfg, num_batches, seed=0):
 def build_candidates(cfg, model_dim, ff_dim):
     """{name: compiled model}; asserts that msa_xla and the baseline have equal parameter counts."""
     import tf_keras as keras
-
     from baseline_model import BaselineSeqLevelModel, example_inputs
+
     from msa_xla import MSASeqLevelModel
 
     arch = dict(seq_len=cfg["seq_len"], text_dim=cfg["text_dim"], audio_dim=cfg["audio_dim"],
@@ -330,6 +331,7 @@ def bench_training(cfg, sizes, rounds, steps, warmup_steps):
 # ---- input pipeline ------------------------------------------------------------------------------
 def bench_input(batch_size, num_batches, rounds):
     from bench_input import measure_input_throughput
+
     from msa_xla.data import ensure_builtin_dataset
 
     return measure_input_throughput(ensure_builtin_dataset(), batch_size, num_batches, rounds)

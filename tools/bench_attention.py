@@ -23,7 +23,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)  # run from a checkout
 
-ATTENTION_IMPLS = ("reference", "fused", "chunked", "keras_mha")
+from msa_xla.options import ATTENTION_IMPLS  # noqa: E402  (TF-free)
+
+CANDIDATES = ATTENTION_IMPLS + ("keras_mha",)  # the kernel's implementations and stock keras
 SPEC = dict(batch=4, heads=4, head_dim=32, iters=10, iters_long=3)
 
 
@@ -127,9 +129,9 @@ def bench_attention(spec, seq_lens, jit, one_process=False):
     `one_process` (quick mode) runs every impl of a T in a single subprocess: it only checks
     that everything runs (the peak memory is then cumulative).
     """
-    jobs = [(impl, t) for t in seq_lens for impl in ("none",) + ATTENTION_IMPLS]
+    jobs = [(impl, t) for t in seq_lens for impl in ("none",) + CANDIDATES]
     if one_process:  # quick mode: every (impl, T) in one process, one after the other
-        impls = "+".join(("none",) + ATTENTION_IMPLS)
+        impls = "+".join(("none",) + CANDIDATES)
         results = []
         for t in seq_lens:
             proc = subprocess.run(_worker_command(impls, t, spec, jit), capture_output=True,

@@ -6,10 +6,10 @@
 
 It iterates the training pipeline (shuffle + repeat, as the trainer uses it) for `--num_batches`
 batches after a warm-up, over several rounds, and reports the median and the best round: on a shared
-machine absolute rates drift (DESIGN.md §9), so the best round is the capability and the median the
+machine absolute rates drift (docs/ARCHITECTURE.md §6), so the best round is the capability and the median the
 typical. The input pipeline must outrun the model by a wide margin (>= 20x the training rate) so it
 never bounds a step; `--model_rate` (default: ~190 samples/s, the spec's model on this 2-core CPU,
-DESIGN.md §5) sets the yardstick, and the ratio is printed.
+docs/ARCHITECTURE.md §3) sets the yardstick, and the ratio is printed.
 
 `measure_input_throughput` is importable (tools/bench.py uses it).
 """
@@ -23,7 +23,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run from a checkout.
 
-DEFAULT_MODEL_RATE = 190.0  # samples/s; DESIGN.md §5, tf_keras MSASeqLevelModel B=32 on 2-core CPU.
+DEFAULT_MODEL_RATE = 190.0  # samples/s: docs/ARCHITECTURE.md §3, stock MSASeqLevelModel B=32, 2 cores
 REQUIRED_RATIO = 20.0
 
 

@@ -10,7 +10,7 @@ Needs the optional extra: `pip install -e '.[peers]'` (mmsa 2.2.1 and a CPU buil
 
 Speed: one process, one full training step of each side timed over interleaved rounds (the
 order alternates every round; this is a shared 2-core VM whose speed drifts for seconds at a
-time, DESIGN.md §9), best and median samples/s of each and their ratios. A step is forward,
+time, docs/ARCHITECTURE.md §6), best and median samples/s of each and their ratios. A step is forward,
 L1 loss, backward, gradient clipping by value 0.6 and an Adam update (MMSA's MulT trainer,
 `trains/singleTask/MULT.py`, with its MOSI config: lr 0.002, grad_clip 0.6).
 - MMSA: `AMIO(get_config_regression('mult', 'mosi'))` with feature dims 300/74/47, eager
@@ -37,7 +37,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -47,9 +46,10 @@ sys.path[:0] = [TOOLS_DIR, REPO_DIR]
 
 import numpy as np  # noqa: E402
 
+from msa_xla.data.synthetic import MOSI_DIMS as DIMS  # noqa: E402  (300, 74, 47)
+
 TORCH_THREADS = 2
 BATCH = 32
-DIMS = (300, 74, 47)
 SHAPES = {"aligned": (50, 50, 50), "unaligned": (50, 375, 500)}
 # Steps per timed round and rounds, per shape: a round of each side takes a few seconds.
 PLAN = {"aligned": dict(steps=4, rounds=5), "unaligned": dict(steps=1, rounds=3)}

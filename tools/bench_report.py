@@ -67,9 +67,9 @@ def format_report(result):
     out.append(f"command: {result['command']}  (load average {result['load_average_start'][0]} "
                f"at start, {result['load_average_end'][0]} at end, on {host['cpus']} CPUs)")
     peaks = result["matmul_peak"]
-    out.append("matmul peak ({0}^3): float32 {1} GFLOP/s, bfloat16 {2} GFLOP/s (best of {3})"
-               .format(peaks["float32"]["n"], peaks["float32"]["best_gflops"],
-                       peaks["bfloat16"]["best_gflops"], result["settings"]["peak_reps"]))
+    out.append(f"matmul peak ({peaks['float32']['n']}^3): float32 {peaks['float32']['best_gflops']} "
+               f"GFLOP/s, bfloat16 {peaks['bfloat16']['best_gflops']} GFLOP/s "
+               f"(best of {result['settings']['peak_reps']})")
     rows = result.get("projection_matmuls", [])
     if rows:
         passes = ("forward", "input gradient", "weight gradient")

@@ -33,7 +33,7 @@ sys.path.insert(0, REPO_DIR)
 
 import numpy as np  # noqa: E402
 
-SPLITS = ("train", "valid", "test")
+from msa_xla.options import SPLITS  # noqa: E402
 
 
 def mmsa_view(path, use_bert, aligned):

@@ -9,7 +9,7 @@
 Reads the newest *.xplane.pb under the folder with xprof's converter (overview_page,
 input_pipeline_analyzer, framework_op_stats): the numbers TensorBoard's Profile tab shows for the
 same capture. A folder without a profile prints one `error: ...` line and exits with code 2.
-All the work lives in msa_xla/profile_report.py.
+All the work lives in msa_xla/profiling/report.py.
 """
 import importlib.util
 import os
@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def _load_report_module():
-    """msa_xla/profile_report.py without running msa_xla/__init__.py (which loads TensorFlow,
+    """msa_xla/profiling/report.py without running msa_xla/__init__.py (which loads TensorFlow,
     ~5 s): the report needs only xprof."""
     package = importlib.util.find_spec("msa_xla")  # locates the package, does not import it
-    path = os.path.join(package.submodule_search_locations[0], "profile_report.py")
+    path = os.path.join(package.submodule_search_locations[0], "profiling", "report.py")
     spec = importlib.util.spec_from_file_location("msa_xla_profiling_report", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

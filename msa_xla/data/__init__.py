@@ -8,9 +8,17 @@
 Convert your own MMSA/MulT pickles or CMU-MultimodalSDK .csd files with tools/convert_to_tfrecord.py.
 """
 from msa_xla.data.builtin import default_home, ensure_builtin_dataset
-from msa_xla.data.pipeline import TEXT_INPUTS, make_dataset, verify_shards
-from msa_xla.data.schema import (FORMAT_VERSION, LABEL_KEY, MODALITIES, SPLITS, DataError,
-                                 feature_spec, load_metadata, num_examples, serialize_example)
+from msa_xla.data.pipeline import make_dataset, verify_shards
+from msa_xla.data.schema import (
+                                 FORMAT_VERSION,
+                                 LABEL_KEY,
+                                 DataError,
+                                 feature_spec,
+                                 load_metadata,
+                                 num_examples,
+                                 serialize_example,
+)
+from msa_xla.options import MODALITIES, SPLITS, TEXT_INPUTS  # re-exported: msa_xla.data.SPLITS
 
 __all__ = [
     "DataError", "FORMAT_VERSION", "LABEL_KEY", "MODALITIES", "SPLITS", "TEXT_INPUTS",

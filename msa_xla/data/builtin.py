@@ -15,8 +15,8 @@ import os
 import shutil
 import tempfile
 
-from msa_xla import storage
 from msa_xla.data import schema, synthetic, writer
+from msa_xla.runtime import storage
 
 NAME = "builtin_synthetic"
 # Bump when the generator or its parameters change: an older folder is then regenerated.

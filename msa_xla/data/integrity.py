@@ -40,9 +40,10 @@ import warnings
 
 import numpy as np
 
-from msa_xla import storage
 from msa_xla.data import schema
-from msa_xla.data.schema import MODALITIES, DataError
+from msa_xla.data.schema import DataError
+from msa_xla.options import MODALITIES
+from msa_xla.runtime import storage
 
 _PARSE_BATCH = 128
 _RESYNC_CHUNK = 1 << 22  # header positions examined per numpy step while resynchronising

@@ -7,7 +7,7 @@ Element: `((text, audio, video, text_mask, audio_mask, video_mask), label)` with
 Every dimension is static (B too, with drop_remainder=True): XLA compiles the step once.
 
 `data_dir` may be local or remote (gs://...): metadata and the integrity scan go through
-msa_xla.storage, and tf.data's TFRecordDataset reads any tf.io.gfile path itself.
+msa_xla.runtime.storage, and tf.data's TFRecordDataset reads any tf.io.gfile path itself.
 """
 import os
 
@@ -15,9 +15,9 @@ import tensorflow as tf
 
 from msa_xla.data import integrity, schema
 from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards  # noqa: F401 (re-exported)
-from msa_xla.data.schema import MODALITIES, DataError
+from msa_xla.data.schema import DataError
+from msa_xla.options import MODALITIES, TEXT_INPUTS
 
-TEXT_INPUTS = ("features", "tokens")
 # Shuffle buffer budget: records are ~84 KB (MOSI aligned) to ~270 KB (unaligned); a buffer of whole
 # records costs memory, so it is sized in bytes and never below this many records.
 _SHUFFLE_BYTES = 256 << 20
@@ -94,9 +94,9 @@ def make_dataset(data_dir, split, batch_size, *, shuffle=None, repeat=False, dro
     """
     data_dir = os.fspath(data_dir)
     if text_input not in TEXT_INPUTS:
-        raise ValueError(f"text_input={text_input!r}: expected one of {TEXT_INPUTS}")
+        raise DataError(f"text_input={text_input!r}: expected one of {TEXT_INPUTS}")
     if int(batch_size) < 1:
-        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        raise DataError(f"batch_size={batch_size}: expected >= 1")
     meta = schema.load_metadata(data_dir)
     if text_input == "tokens" and not meta.get("tokens"):
         raise DataError(f"{data_dir}: text_input='tokens' but the dataset has no token ids "

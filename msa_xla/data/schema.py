@@ -12,7 +12,7 @@ plus `label` (float), `id` (bytes, the clip id) and, for datasets converted with
 same place the writer took them from: writer and reader cannot drift.
 
 A dataset folder may be local or remote (gs://...): files are read and written through
-msa_xla.storage.
+msa_xla.runtime.storage.
 """
 import json
 import os
@@ -20,18 +20,18 @@ import struct
 
 import numpy as np
 
-from msa_xla import storage
+from msa_xla.errors import UserError
+from msa_xla.options import MODALITIES
+from msa_xla.runtime import storage
 
 FORMAT_VERSION = 1
-MODALITIES = ("text", "audio", "video")
-SPLITS = ("train", "valid", "test")
 METADATA_FILE = "metadata.json"
 LABEL_KEY = "label"
 ID_KEY = "id"
 TOKENS_KEY = "text_ids"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data or a bad dataset folder; the message is one line meant for the user."""
 
 

@@ -1,6 +1,6 @@
 """Readers of the feature files researchers already hold, each producing `{split: SplitData}`.
 
-Formats (facts in DESIGN.md §6):
+Formats (facts in docs/ARCHITECTURE.md §4):
   mmsa  MMSA pickle (aligned_50.pkl, unaligned_50.pkl, ...): {'train'|'valid'|'test': {'text' (N,T,768),
         'audio' (N,T,D), 'vision' (N,T,D), 'regression_labels' (N,), optional 'id', 'raw_text',
         'audio_lengths', 'vision_lengths', 'text_bert' (N,3,T)}}. 'text_bert' holds BERT WordPiece
@@ -34,7 +34,8 @@ import os
 import numpy as np
 
 from msa_xla.data import safe_pickle
-from msa_xla.data.schema import MODALITIES, SPLITS, DataError
+from msa_xla.data.schema import DataError
+from msa_xla.options import MODALITIES, SPLITS
 
 FORMATS = ("mmsa", "mult", "csd", "synthetic")
 BERT_VOCAB_SIZE = 30522  # bert-base-uncased, MMSA's English text_bert

@@ -15,8 +15,8 @@ so `--tokenize` has something meaningful to tokenise.
 """
 import numpy as np
 
-from msa_xla.data.schema import MODALITIES, SPLITS
 from msa_xla.data.sources import SplitData
+from msa_xla.options import MODALITIES, SPLITS
 
 MOSI_SPLIT_SIZES = (1284, 229, 686)
 MOSI_DIMS = (300, 74, 47)  # GloVe text, COVAREP audio, Facet video (MulT's MOSI).

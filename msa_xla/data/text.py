@@ -7,7 +7,7 @@ whole words seen at least `min_count` times, then every character seen, both as 
 Tokenisation is `tensorflow_text.BertTokenizer` (lower-casing, punctuation splitting, WordPiece), the
 same op a model can run in-graph on raw strings at serving time via `load_tokenizer`.
 
-The vocabulary file may be local or remote (gs://...): it is written through msa_xla.storage, and
+The vocabulary file may be local or remote (gs://...): it is written through msa_xla.runtime.storage, and
 the tokenizer's lookup table reads it through TensorFlow's filesystems.
 """
 import collections
@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from msa_xla import storage
+from msa_xla.runtime import storage
 
 PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP)

@@ -32,9 +32,11 @@ import uuid
 
 import numpy as np
 
-from msa_xla import storage
+from msa_xla import cli
 from msa_xla.data import schema
-from msa_xla.data.schema import MODALITIES, SPLITS, DataError
+from msa_xla.data.schema import DataError
+from msa_xla.options import MODALITIES, SPLITS
+from msa_xla.runtime import storage
 
 NONFINITE_POLICIES = ("zero", "error")
 
@@ -377,12 +379,8 @@ def main(argv=None):
         meta = convert(splits, output, source_format=args.format, source_path=source_path,
                        seq_len=seq_len, shards=args.shards, nonfinite=args.nonfinite,
                        tokenize=args.tokenize, overwrite=args.overwrite)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as err:  # Unwritable output, full disk, ...: still one line, still exit 2.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (DataError, OSError) as err:  # OSError: unwritable output, full disk, ...: still one line
+        sys.exit(cli.report_error(err))
     print(summary_table(meta))
     print(f"wrote {output}")
     return 0

@@ -24,9 +24,10 @@ import math
 
 import tensorflow as tf
 
-from msa_xla.compat import in_xla_context
+from msa_xla.errors import UserError
+from msa_xla.options import ATTENTION_IMPLS
+from msa_xla.runtime.compat import in_xla_context
 
-ATTENTION_IMPLS = ("reference", "fused", "chunked")
 DEFAULT_BLOCK_SIZE = 128
 
 # Finite stand-in for -inf on masked logits (float32 only: logits are always float32).
@@ -36,7 +37,7 @@ _MASKED_LOGIT = -1e30
 def validate_impl(impl):
     """Returns `impl` if it names an attention implementation, else raises ValueError."""
     if impl not in ATTENTION_IMPLS:
-        raise ValueError(
+        raise UserError(
             f"attention_impl={impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     return impl
 
@@ -130,10 +131,10 @@ def _fused(q, k, v, q_mask, kv_mask):
 
 def _chunked(q, k, v, q_mask, kv_mask, block_size):
     if block_size <= 0:
-        raise ValueError(f"block_size={block_size} must be positive")
+        raise UserError(f"block_size={block_size} must be positive")
     k_len = k.shape[1]
     if k_len is None:
-        raise ValueError("chunked attention needs a static key length (pad to a fixed seq_len)")
+        raise UserError("chunked attention needs a static key length (pad to a fixed seq_len)")
     # Pad keys to whole blocks; padded keys are masked like any other padding.
     num_blocks = -(-k_len // block_size)
     pad = num_blocks * block_size - k_len

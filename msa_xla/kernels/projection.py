@@ -14,7 +14,7 @@ own gradients run.
 
 import tensorflow as tf
 
-from msa_xla.compat import xla_target_platform
+from msa_xla.runtime.compat import xla_target_platform
 
 
 def linear(x, kernel, bias=None):

@@ -3,13 +3,14 @@
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.kernels import linear, masked_attention, validate_impl
 
 
 def check_heads(model_dim, num_heads):
     """Raises ValueError unless `num_heads` divides `model_dim`."""
     if num_heads <= 0 or model_dim % num_heads:
-        raise ValueError(
+        raise UserError(
             f"model_dim={model_dim} is not divisible by num_heads={num_heads}")
 
 

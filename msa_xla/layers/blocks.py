@@ -1,8 +1,8 @@
 """Transformer blocks: self-attention encoder block and cross-modal attention block."""
 
-import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.layers.attention import MaskedMultiHeadAttention, check_heads
 from msa_xla.layers.dense import Dense
 from msa_xla.layers.dropout import Dropout
@@ -10,7 +10,7 @@ from msa_xla.layers.dropout import Dropout
 
 def _check_rate(dropout_rate):
     if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"dropout_rate={dropout_rate} must be in [0, 1)")
+        raise UserError(f"dropout_rate={dropout_rate} must be in [0, 1)")
 
 
 class _ResidualBlockBase(keras.layers.Layer):

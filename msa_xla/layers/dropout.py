@@ -24,7 +24,7 @@ import numbers
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.compat import in_xla_context
+from msa_xla.runtime.compat import in_xla_context
 
 _LEVELS = 1 << 16  # decisions are 16-bit: two per 32-bit hash word
 _M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers

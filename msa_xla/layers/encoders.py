@@ -2,6 +2,7 @@
 
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.layers.blocks import TransformerBlock
 from msa_xla.layers.dense import Dense
 from msa_xla.layers.dropout import Dropout
@@ -37,7 +38,7 @@ class ModalityEncoder(keras.layers.Layer):
                  use_positional=True, norm_first=False, attention_impl="fused", **kwargs):
         super().__init__(**kwargs)
         if n_layers < 0:
-            raise ValueError(f"n_layers={n_layers} must be >= 0")
+            raise UserError(f"n_layers={n_layers} must be >= 0")
         self.model_dim, self.num_heads, self.ff_dim = int(model_dim), int(num_heads), int(ff_dim)
         self.n_layers, self.seq_len = int(n_layers), int(seq_len)
         self.dropout_rate = float(dropout_rate)

@@ -3,6 +3,7 @@
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.layers.blocks import CrossAttentionBlock
 from msa_xla.layers.pooling import AttentionPooling, masked_mean, validate_pooling
 
@@ -120,7 +121,7 @@ class AdaptiveFusionHead(keras.layers.Layer):
 
     def call(self, modality_sequences, masks=None, training=None):
         if len(modality_sequences) != self.num_modalities:
-            raise ValueError(f"{self.name}: expected {self.num_modalities} modality sequences, "
+            raise UserError(f"{self.name}: expected {self.num_modalities} modality sequences, "
                              f"received {len(modality_sequences)}")
         masks = list(masks) if masks is not None else [None] * self.num_modalities
         pooled = []

@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from msa_xla.errors import UserError
+
 
 def create_padding_mask(x):
     """Returns (B, T) bool, True where a time step holds data.
@@ -29,7 +31,7 @@ def check_mask(mask, sequence, name):
     expected = sequence.shape[:2]
     received = mask.shape
     if received.rank != 2 or not received.is_compatible_with(expected):
-        raise ValueError(
+        raise UserError(
             f"{name}: expected a (batch, time) mask of shape {tuple(expected)}, "
             f"received shape {tuple(received)}")
     return tf.cast(mask, tf.bool)

@@ -3,12 +3,13 @@
 import tensorflow as tf
 import tf_keras as keras
 
-POOLING_METHODS = ("mean", "attention")
+from msa_xla.errors import UserError
+from msa_xla.options import POOLING_METHODS
 
 
 def validate_pooling(pooling_method):
     if pooling_method not in POOLING_METHODS:
-        raise ValueError(
+        raise UserError(
             f"pooling_method={pooling_method!r} is not one of {', '.join(POOLING_METHODS)}")
     return pooling_method
 

@@ -3,6 +3,8 @@
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
+
 
 @keras.saving.register_keras_serializable(package="msa_xla")
 class LearnablePositionalEmbedding(keras.layers.Layer):
@@ -32,7 +34,7 @@ class LearnablePositionalEmbedding(keras.layers.Layer):
     def call(self, x):
         length = x.shape[1]
         if length is not None and length > self.seq_len:
-            raise ValueError(
+            raise UserError(
                 f"{self.name}: sequence length {length} exceeds seq_len={self.seq_len}")
         positions = self.position_embeddings[: tf.shape(x)[1]]  # (T, D)
         return x + tf.cast(positions, x.dtype)[None]

@@ -16,8 +16,9 @@ shapes or Python branches on tensors, so the step compiles with XLA.
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.models.base import MODALITIES
+from msa_xla.errors import UserError
 from msa_xla.models.pooled import PooledFusionModel
+from msa_xla.options import MODALITIES
 
 _EPS = 1e-6
 
@@ -58,7 +59,7 @@ class BalancedMSAModel(PooledFusionModel):
                  noise_seed=0, **kwargs):
         super().__init__(*args, **kwargs)
         if alpha < 0 or aux_weight < 0:
-            raise ValueError(f"alpha={alpha} and aux_weight={aux_weight} must be >= 0")
+            raise UserError(f"alpha={alpha} and aux_weight={aux_weight} must be >= 0")
         self.alpha, self.aux_weight = float(alpha), float(aux_weight)
         self.gaussian_enhancement, self.noise_seed = bool(gaussian_enhancement), int(noise_seed)
         self.unimodal_heads = [keras.layers.Dense(1, dtype="float32", name=f"{m}_head")

@@ -3,13 +3,12 @@
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.kernels import validate_impl
 from msa_xla.layers.attention import check_heads
 from msa_xla.layers.embedding import TokenEmbedding
 from msa_xla.layers.masks import check_mask, create_padding_mask
-
-MODALITIES = ("text", "audio", "video")
-TEXT_INPUTS = ("features", "tokens")
+from msa_xla.options import MODALITIES, TEXT_INPUTS
 
 
 def normalise_seq_len(seq_len):
@@ -19,7 +18,7 @@ def normalise_seq_len(seq_len):
         seq_len = (int(seq_len),) * 3
     seq_len = tuple(int(n) for n in seq_len)
     if len(seq_len) != 3 or min(seq_len) <= 0:
-        raise ValueError(f"seq_len={seq_len} must be a positive int or a "
+        raise UserError(f"seq_len={seq_len} must be a positive int or a "
                          "(text_len, audio_len, video_len) triple")
     return seq_len
 
@@ -51,9 +50,9 @@ class MSABaseModel(keras.Model):
         self.model_dim, self.num_heads = int(model_dim), int(num_heads)
         self.attention_impl = validate_impl(attention_impl)
         if text_input not in TEXT_INPUTS:
-            raise ValueError(f"text_input={text_input!r} is not one of {', '.join(TEXT_INPUTS)}")
+            raise UserError(f"text_input={text_input!r} is not one of {', '.join(TEXT_INPUTS)}")
         if text_input == "tokens" and not vocab_size:
-            raise ValueError("text_input='tokens' needs vocab_size (the tokenizer's vocabulary size)")
+            raise UserError("text_input='tokens' needs vocab_size (the tokenizer's vocabulary size)")
         self.text_input, self.vocab_size = text_input, vocab_size
         # Dense gradient: a sparse one cannot be all-reduced inside XLA (layers/embedding.py).
         self.token_embedding = (TokenEmbedding(vocab_size, self.text_dim, name="token_embedding")
@@ -63,11 +62,11 @@ class MSABaseModel(keras.Model):
     def _unpack(self, inputs):
         """Validates inputs; returns ([text, audio, video] float sequences, [masks])."""
         if isinstance(inputs, dict):
-            inputs = [inputs[k] for k in ("text", "audio", "video")] + [
+            inputs = [inputs[k] for k in MODALITIES] + [
                 inputs[f"{m}_mask"] for m in MODALITIES if f"{m}_mask" in inputs]
         if not isinstance(inputs, (list, tuple)) or len(inputs) not in (3, 6):
             received = len(inputs) if isinstance(inputs, (list, tuple)) else type(inputs).__name__
-            raise ValueError(
+            raise UserError(
                 f"{self.name}: expected 3 inputs (text, audio, video) or 6 (text, audio, video, "
                 f"text_mask, audio_mask, video_mask), received {received}")
         sequences = [tf.convert_to_tensor(x) for x in inputs[:3]]
@@ -75,17 +74,17 @@ class MSABaseModel(keras.Model):
         if self.token_embedding is not None:
             ids = sequences[0]
             if ids.shape.rank != 2:
-                raise ValueError(f"{self.name}: text_input='tokens' expects int ids of shape "
+                raise UserError(f"{self.name}: text_input='tokens' expects int ids of shape "
                                  f"(batch, time), received shape {tuple(ids.shape)}")
             token_mask = tf.not_equal(ids, 0)
             sequences[0] = self.token_embedding(ids)
         for name, x, dim, length in zip(MODALITIES, sequences, self.feature_dims, self.seq_lens):
             if x.shape.rank != 3 or x.shape[-1] != dim:
-                raise ValueError(
+                raise UserError(
                     f"{self.name}: {name} features: expected shape (batch, time, {dim}) "
                     f"({name}_dim={dim}), received shape {tuple(x.shape)}")
             if x.shape[1] is not None and x.shape[1] > length:
-                raise ValueError(f"{self.name}: {name} has {x.shape[1]} steps, more than "
+                raise UserError(f"{self.name}: {name} has {x.shape[1]} steps, more than "
                                  f"seq_len={length} the model was built for")
         if len(inputs) == 6:
             masks = [check_mask(m, x, f"{name}_mask")

@@ -57,12 +57,14 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.kernels import linear, masked_attention, validate_impl
 from msa_xla.layers.attention import check_heads
 from msa_xla.layers.dense import Dense
 from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.masks import zero_padding
-from msa_xla.models.base import MODALITIES, MSABaseModel, output_layer
+from msa_xla.models.base import MSABaseModel, output_layer
+from msa_xla.options import MODALITIES
 
 # Constructor arguments that are dropout rates (MMSA's names).
 DROPOUTS = ("attn_dropout", "attn_dropout_a", "attn_dropout_v", "relu_dropout", "embed_dropout",
@@ -386,13 +388,13 @@ class MulTModel(MSABaseModel):
                      output_dropout=output_dropout, text_dropout=text_dropout)
         for name, rate in rates.items():
             if not 0.0 <= float(rate) < 1.0:
-                raise ValueError(f"{name}={rate} must be in [0, 1)")
+                raise UserError(f"{name}={rate} must be in [0, 1)")
             setattr(self, name, float(rate))
         if int(n_levels) < 1:
-            raise ValueError(f"n_levels={n_levels} must be >= 1")
+            raise UserError(f"n_levels={n_levels} must be >= 1")
         kernels = tuple(int(k) for k in conv_kernel_sizes)
         if len(kernels) != 3 or min(kernels) < 1:
-            raise ValueError(f"conv_kernel_sizes={conv_kernel_sizes}: expected three positive "
+            raise UserError(f"conv_kernel_sizes={conv_kernel_sizes}: expected three positive "
                              "ints (text, audio, video)")
         self.n_levels, self.conv_kernel_sizes = int(n_levels), list(kernels)
         self.positional, self.causal_mask = bool(positional), bool(causal_mask)

@@ -7,13 +7,15 @@ three tokens -> concatenation (or adaptive weights) -> MLP -> Dense(1) in float3
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.errors import UserError
 from msa_xla.layers.blocks import TransformerBlock
 from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.encoders import ModalityEncoder
 from msa_xla.layers.fusion import AdaptiveFusionHead
 from msa_xla.layers.pooling import masked_mean
 from msa_xla.layers.positional import LearnablePositionalEmbedding
-from msa_xla.models.base import MODALITIES, MSABaseModel, output_layer
+from msa_xla.models.base import MSABaseModel, output_layer
+from msa_xla.options import MODALITIES
 
 
 class PooledFusionModel(MSABaseModel):
@@ -28,7 +30,7 @@ class PooledFusionModel(MSABaseModel):
                          attention_impl=attention_impl, text_input=text_input,
                          vocab_size=vocab_size, **kwargs)
         if not 0.0 <= modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout={modality_dropout} must be in [0, 1)")
+            raise UserError(f"modality_dropout={modality_dropout} must be in [0, 1)")
         self.ff_dim, self.n_layers_mod = int(ff_dim), int(n_layers_mod)
         self.n_layers_fuse, self.dropout_rate = int(n_layers_fuse), float(dropout_rate)
         self.use_adaptive_fusion, self.norm_first = bool(use_adaptive_fusion), bool(norm_first)

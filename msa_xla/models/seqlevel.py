@@ -1,13 +1,13 @@
 """MSASeqLevelModel: sequence-level cross-modal fusion, pooling only at the end."""
 
-import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.layers.dropout import Dropout
 from msa_xla.layers.encoders import ModalityEncoder
 from msa_xla.layers.fusion import AdaptiveFusionHead, CrossModalFusion
 from msa_xla.layers.pooling import validate_pooling
-from msa_xla.models.base import MODALITIES, MSABaseModel, output_layer
+from msa_xla.models.base import MSABaseModel, output_layer
+from msa_xla.options import MODALITIES
 
 
 @keras.saving.register_keras_serializable(package="msa_xla")

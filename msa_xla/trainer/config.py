@@ -25,16 +25,20 @@ import dataclasses
 import json
 import time
 
+from msa_xla import options
+from msa_xla.errors import UserError
+
 DEFAULT_EPOCHS = 8
 DEFAULT_SEEDS = (1111,)
+# The flags' choices, each list from its one source (msa_xla/options.py).
 CHOICES = {
-    "model": ("seqlevel", "msa", "improved", "balanced", "mult"),
-    "strategy": ("auto", "cpu", "mirrored", "multi_worker", "tpu"),
-    "precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
-    "jit_compile": ("auto", "true", "false"),
-    "pooling_method": ("mean", "attention"),
-    "attention_impl": ("fused", "reference", "chunked"),
-    "text_input": ("features", "tokens"),
+    "model": options.MODEL_NAMES,
+    "strategy": options.STRATEGIES,
+    "precision": options.PRECISIONS,
+    "jit_compile": options.JIT_COMPILE,
+    "pooling_method": options.POOLING_METHODS,
+    "attention_impl": options.ATTENTION_IMPLS,
+    "text_input": options.TEXT_INPUTS,
 }
 # Fields that change the model's variables or the meaning of a checkpoint: a checkpoint written
 # under other values of these is refused on resume (expected vs found).
@@ -67,7 +71,7 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "auto"
     jit_compile: str = "auto"
-    steps_per_execution: int = 0  # 0 = auto: train_step.steps_per_execution_for
+    steps_per_execution: int = 0  # 0 = auto: step.steps_per_execution_for
     # optimisation
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = 32  # global, over all replicas
@@ -90,28 +94,28 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                raise ValueError(f"--{name}={value} is not one of {', '.join(choices)}")
+                raise UserError(f"--{name}={value} is not one of {', '.join(choices)}")
         positive = ("model_dim", "num_heads", "ff_dim", "n_layers_mod", "epochs", "batch_size")
         for name in positive:
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 1")
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 1")
         if self.learning_rate <= 0:
-            raise ValueError(f"--learning_rate={self.learning_rate} must be > 0")
+            raise UserError(f"--learning_rate={self.learning_rate} must be > 0")
         for name in ("clipnorm", "checkpoint_every", "steps_per_execution"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name}={getattr(self, name)} must be >= 0")
+                raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"--dropout_rate={self.dropout_rate} must be in [0, 1)")
+            raise UserError(f"--dropout_rate={self.dropout_rate} must be in [0, 1)")
         if not self.seeds:
-            raise ValueError("--seeds needs at least one seed")
+            raise UserError("--seeds needs at least one seed")
         self.seeds = tuple(int(s) for s in self.seeds)
         self.profile_steps = tuple(int(s) for s in self.profile_steps)
         if self.profile_steps and (len(self.profile_steps) != 2
                                    or not 0 <= self.profile_steps[0] <= self.profile_steps[1]):
-            raise ValueError(f"--profile_steps={self.profile_steps}: expected A,B with 0 <= A <= B")
+            raise UserError(f"--profile_steps={self.profile_steps}: expected A,B with 0 <= A <= B")
 
     @classmethod
-    def from_flags(cls, flags) -> "TrainConfig":
+    def from_flags(cls, flags) -> TrainConfig:
         """Builds the config from absl flag values (names match the fields)."""
         values = {}
         for field in dataclasses.fields(cls):
@@ -128,7 +132,7 @@ class TrainConfig:
     def model_kwargs(self, meta: dict) -> dict:
         """Constructor arguments of `MODELS[self.model]` for a dataset's metadata."""
         mods = meta["modalities"]
-        seq_lens = [mods[m]["seq_len"] for m in ("text", "audio", "video")]
+        seq_lens = [mods[m]["seq_len"] for m in options.MODALITIES]
         kwargs = dict(
             seq_len=seq_lens[0] if len(set(seq_lens)) == 1 else tuple(seq_lens),
             text_dim=mods["text"]["dim"], audio_dim=mods["audio"]["dim"],
@@ -161,7 +165,7 @@ def _int_list(value, name):
     try:
         return [int(v) for v in value]
     except (TypeError, ValueError):
-        raise ValueError(f"--{name}={value}: expected comma-separated integers") from None
+        raise UserError(f"--{name}={value}: expected comma-separated integers") from None
 
 
 def default_config() -> TrainConfig:

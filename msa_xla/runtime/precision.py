@@ -5,7 +5,7 @@
     optimizer = wrap_optimizer(optimizer, policy)           # custom loops; compile() wraps itself
 
 Why 'auto' picks float32 on CPU: on this project's CPU host `mixed_bfloat16` with
-`jit_compile=True` trained 2x slower than float32 (DESIGN.md §5); bfloat16 pays off on TPU
+`jit_compile=True` trained 2x slower than float32 (docs/ARCHITECTURE.md §3); bfloat16 pays off on TPU
 (native) and float16 on GPU (tensor cores).
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import tf_keras as keras
 
-from msa_xla.distribute import device_platform
+from msa_xla.errors import UserError
+from msa_xla.options import POLICIES
+from msa_xla.runtime.distribute import device_platform
 
-POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 _AUTO_POLICY = {"TPU": "mixed_bfloat16", "GPU": "mixed_float16", "CPU": "float32"}
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError):
     """An unknown precision name, or one the platform cannot run."""
 
 

@@ -1,7 +1,7 @@
 """Files and folders that may be local or remote: gs://, TF's in-memory ram://, any tf.io.gfile
 scheme.
 
-    from msa_xla import storage
+    from msa_xla.runtime import storage
     storage.is_remote("gs://bucket/run")                 # True: has a scheme://
     storage.absolute("runs/x")                           # "/abs/runs/x"; a URL comes back unchanged
     path = storage.join("gs://bucket/run", "results.json")

@@ -10,7 +10,7 @@ Layout of one seed's run folder:
     <workdir>/.worker-<i>/seed_<s>/      the same, written by non-chief worker i (multi-worker)
 
 Resume = rerun the same command: the latest checkpoint is restored, the input stream skips the
-batches already consumed (train_input.py), Keras resumes mid-epoch at the right step, and the
+batches already consumed (inputs.py), Keras resumes mid-epoch at the right step, and the
 callbacks get their patience counters back, so the run finishes the same total number of steps.
 With --deterministic the final weights equal an uninterrupted run's (tests/test_train.py).
 
@@ -21,7 +21,7 @@ the one shared checkpoint, whichever worker died, and a copy the dead worker lef
 is never read.
 
 SIGTERM (preemption): the checkpoint callback saves at the end of the current step and stops;
-the trainer then exits with PREEMPTED_EXIT_CODE (143 = 128 + SIGTERM, what schedulers expect).
+the trainer then exits with cli.EXIT_PREEMPTED (143 = 128 + SIGTERM, what schedulers expect).
 """
 
 from __future__ import annotations
@@ -32,12 +32,11 @@ import os
 
 import tensorflow as tf
 
-from msa_xla import storage
+from msa_xla.errors import UserError
+from msa_xla.runtime import compat, storage
 
-PREEMPTED_EXIT_CODE = 143
 
-
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A workdir or checkpoint that this run must not use (one line)."""
 
 
@@ -58,7 +57,7 @@ class WorkdirLock:
         self.remote = storage.is_remote(workdir)
         self._fd = None
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         if self.remote:
             storage.makedirs(storage.dirname(self.path))
             return self
@@ -120,8 +119,8 @@ def rng_state_variables(model) -> list:
     `keras.backend.experimental.enable_tf_random_generator()` ran before the model was built.
     """
     states = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        generator = getattr(getattr(layer, "_random_generator", None), "_generator", None)
+    for layer in compat.all_layers(model):
+        generator = compat.dropout_generator(layer)
         if generator is not None:
             states.append(generator.state)
     return states

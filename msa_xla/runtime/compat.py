@@ -66,3 +66,50 @@ def fresh_collective_keys() -> None:
     TF's own tests move the base the same way (distribute/strategy_combinations.py).
     """
     tf.distribute.MirroredStrategy._collective_key_base += 100000
+
+
+# ---- tf_keras internals used by the trainer ----------------------------------------------------
+def start_fit_at(model, epoch: int, step_in_epoch: int) -> None:
+    """Makes the next `model.fit` start at (`epoch`, `step_in_epoch`): a mid-epoch resume.
+
+    Why: `fit(initial_epoch=...)` can only start at an epoch boundary. tf_keras' DataHandler asks
+    `model._maybe_load_initial_counters_from_ckpt` where to start (the hook BackupAndRestore
+    uses); without it a run resumed mid-epoch would train that epoch's first steps again.
+    """
+    model._maybe_load_initial_counters_from_ckpt = (
+        lambda steps_per_epoch, initial_epoch, **kwargs: (epoch, step_in_epoch))
+
+
+def all_layers(model):
+    """Every layer of `model`, nested ones included, the model first (tf_keras' own walk)."""
+    return model._flatten_layers(include_self=True, recursive=True)
+
+
+def dropout_generator(layer):
+    """The tf.random.Generator behind a layer's dropout noise, or None.
+
+    Why: tf_keras leaves it out of checkpoints; the trainer checkpoints its state itself.
+    """
+    return getattr(getattr(layer, "_random_generator", None), "_generator", None)
+
+
+def steps_per_execution(model) -> int:
+    """The steps one call of the compiled train function runs (`compile(steps_per_execution=)`)."""
+    value = getattr(model, "_steps_per_execution", None)
+    return int(value.numpy()) if value is not None else 1
+
+
+def keep_logs_as_tensors(callback) -> None:
+    """Tells tf_keras not to copy `callback`'s logs to numpy after every execution.
+
+    Why: that copy is a device->host read per execution, which on a TPU stalls the pipeline.
+    `Callback.__init__` sets the flag False on the instance, so call this after it.
+    """
+    callback._supports_tf_logs = True
+
+
+def wait_for_device() -> None:
+    """Blocks until the eager context's pending (asynchronous) device work is done."""
+    from tensorflow.python.eager import context
+
+    context.async_wait()

@@ -6,15 +6,14 @@ before CheckpointCallback, which saves that state.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import signal
 import time
 
 import tf_keras as keras
 
-from msa_xla import storage
-from msa_xla.checkpointing import RunCheckpoint
+from msa_xla.runtime import compat, storage
+from msa_xla.trainer.checkpointing import RunCheckpoint
 
 MONITOR = "val_MAE"
 
@@ -113,13 +112,13 @@ class EpochStepCounter(keras.callbacks.Callback):
     first in `on_train_batch_begin`; a mid-epoch resume starts the epoch at its resume step).
     Reading `optimizer.iterations` instead would be one more blocking device read per
     execution: on TPU, a host round trip that stalls the next execution.
-    `_supports_tf_logs`: the logs stay tensors; tf_keras converts every log to numpy on each
+    `keep_logs_as_tensors`: the logs stay tensors; tf_keras converts every log to numpy on each
     batch as soon as one batch callback does not declare this.
     """
 
     def __init__(self):
         super().__init__()
-        self._supports_tf_logs = True  # (Callback.__init__ sets it False on the instance)
+        compat.keep_logs_as_tensors(self)  # after Callback.__init__, which resets it
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -242,11 +241,10 @@ class CheckpointCallback(EpochStepCounter):
 
 
 def _profile_callback(cfg, chief: bool):
-    """msa_xla.profiling.make_profile_callback(...) when that module exists, else None."""
-    if (not (cfg.profile_steps or cfg.profiler_port)
-            or importlib.util.find_spec("msa_xla.profiling") is None):
+    """The profiler window callback when --profile_steps or --profiler_port asks for one."""
+    if not (cfg.profile_steps or cfg.profiler_port):
         return None
-    from msa_xla import profiling
+    from msa_xla.profiling import capture as profiling  # xprof's import costs; only when asked
 
     return profiling.make_profile_callback(
         profile_steps=cfg.profile_steps, profile_dir=cfg.profile_dir,

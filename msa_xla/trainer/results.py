@@ -13,12 +13,8 @@ import platform
 
 import numpy as np
 
-from msa_xla import storage
 from msa_xla.metrics import METRIC_KEYS
-
-# Table order: the field's usual reporting order (DESIGN.md §7).
-TABLE_KEYS = ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5",
-              "Mult_acc_7", "MAE", "Corr")
+from msa_xla.runtime import storage
 
 
 def summarize(per_seed: list[dict]) -> dict:
@@ -76,13 +72,13 @@ def _fmt(value: float, key: str) -> str:
 
 def format_table(results: dict) -> str:
     """Plain-text table: one row per seed, then mean ± std. Accuracies/F1 in %, MAE/Corr raw."""
-    names = ("seed",) + TABLE_KEYS
-    rows = [[str(run["seed"])] + [_fmt(run["test"].get(k), k) for k in TABLE_KEYS]
+    names = ("seed",) + METRIC_KEYS
+    rows = [[str(run["seed"])] + [_fmt(run["test"].get(k), k) for k in METRIC_KEYS]
             for run in results["per_seed"]]
     summary = results["summary"]
     if len(results["per_seed"]) > 1:
-        rows.append(["mean"] + [_fmt(summary[k]["mean"], k) for k in TABLE_KEYS])
-        rows.append(["std"] + [_fmt(summary[k]["std"], k) for k in TABLE_KEYS])
+        rows.append(["mean"] + [_fmt(summary[k]["mean"], k) for k in METRIC_KEYS])
+        rows.append(["std"] + [_fmt(summary[k]["std"], k) for k in METRIC_KEYS])
     widths = [max(len(n), *(len(r[i]) for r in rows)) for i, n in enumerate(names)]
     line = "  ".join(n.rjust(w) for n, w in zip(names, widths))
     out = [line, "-" * len(line)]

@@ -13,14 +13,14 @@ import os
 
 import tf_keras as keras
 
-from msa_xla.callbacks import build_callbacks
-from msa_xla import storage
-from msa_xla.checkpointing import RunCheckpoint, sync_from_chief, write_json
 from msa_xla.metrics import MSAMetrics
 from msa_xla.models import MODELS
-from msa_xla.train_input import eval_data, train_data
-from msa_xla.train_step import (install_split_step, make_optimizer, plan_jit,
-                                steps_per_execution_for)
+from msa_xla.options import MODALITIES
+from msa_xla.runtime import compat, storage
+from msa_xla.trainer.callbacks import build_callbacks
+from msa_xla.trainer.checkpointing import RunCheckpoint, sync_from_chief, write_json
+from msa_xla.trainer.inputs import eval_data, train_data
+from msa_xla.trainer.step import install_split_step, make_optimizer, plan_jit, steps_per_execution_for
 
 
 def _build_model(cfg, meta, strategy, seed):
@@ -78,7 +78,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
 
     # ---- checkpoint ---------------------------------------------------------------------------
     identity = {**cfg.checkpoint_identity(), "seed": seed,
-                "dims": [meta["modalities"][m]["dim"] for m in ("text", "audio", "video")]}
+                "dims": [meta["modalities"][m]["dim"] for m in MODALITIES]}
     run_checkpoint = RunCheckpoint(storage.join(seed_dir, "checkpoints"), model, identity)
     state = run_checkpoint.restore_latest()
     step = run_checkpoint.step
@@ -103,10 +103,9 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     history = {}
     if step < total_steps and not stopped_early:
         initial_epoch, initial_step = divmod(step, steps_per_epoch)
-        # Mid-epoch resume: Keras' DataHandler starts its first epoch at `_initial_step` (the hook
-        # BackupAndRestore uses); the data stream itself was already advanced by skip(step).
-        model._maybe_load_initial_counters_from_ckpt = (
-            lambda steps, epoch, **kw: (initial_epoch, initial_step))
+        # Mid-epoch resume: fit starts its first epoch at initial_step; the data stream itself
+        # was already advanced by skip(step).
+        compat.start_fit_at(model, initial_epoch, initial_step)
         fit = model.fit(train, epochs=cfg.epochs, initial_epoch=initial_epoch,
                   steps_per_epoch=steps_per_epoch, validation_data=valid,
                   validation_steps=valid_steps, callbacks=callbacks,

@@ -16,12 +16,12 @@ import re
 
 import tensorflow as tf
 
-from msa_xla.compat import fresh_collective_keys
+from msa_xla.errors import UserError
+from msa_xla.options import STRATEGIES
+from msa_xla.runtime.compat import fresh_collective_keys
 
-STRATEGIES = ("auto", "cpu", "one_device", "mirrored", "multi_worker", "tpu")
 
-
-class StrategyError(ValueError):
+class StrategyError(UserError):
     """A strategy cannot be built here, or the run configuration does not fit it (one line)."""
 
 
@@ -211,7 +211,7 @@ def device_platform(strategy: tf.distribute.Strategy | None = None) -> str:
 def xla_can_compile_collectives(strategy: tf.distribute.Strategy) -> bool:
     """Whether the whole train step, gradient all-reduce included, can be one XLA computation.
 
-    XLA has no CPU collectives (DESIGN.md §5: `Collectives are not yet implemented for CPU
+    XLA has no CPU collectives (docs/ARCHITECTURE.md §3: `Collectives are not yet implemented for CPU
     devices when compiling with XLA`), so multi-replica CPU strategies must keep the
     cross-replica reduction and optimizer update outside the XLA cluster. TPU and GPU compile
     it whole; one replica has nothing to reduce.
@@ -291,8 +291,6 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
 # ----------------------------------------------------------------------------------------------
 # a worker lost mid-run
 # ----------------------------------------------------------------------------------------------
-
-LOST_WORKER_EXIT_CODE = 4
 
 # What TF 2.21 reports when a peer of MultiWorkerMirroredStrategy dies (measured on 127.0.0.1):
 # the coordination service misses its heartbeats ("The following tasks are unhealthy (stopped

@@ -6,7 +6,7 @@ Three plans (`plan_jit`), chosen from `--jit_compile` and the strategy:
   optimizer update and metric updates are one XLA computation per replica (train, eval and
   predict functions alike). Used on one replica (CPU, one GPU) and on TPU / multi-GPU, whose XLA
   backends have collectives.
-- `split_step`: several replicas on CPU, where XLA has no collectives (DESIGN.md §5). Per
+- `split_step`: several replicas on CPU, where XLA has no collectives (docs/ARCHITECTURE.md §3). Per
   replica, forward + loss + backward is one `tf.function(jit_compile=True)` (and the eval
   forward pass another); the cross-replica gradient all-reduce, the optimizer update and the
   metric updates run as ordinary TF ops outside XLA. Works for MirroredStrategy over logical
@@ -28,7 +28,7 @@ import types
 import tensorflow as tf
 import tf_keras as keras
 
-from msa_xla.distribute import device_platform, xla_can_compile_collectives
+from msa_xla.runtime.distribute import device_platform, xla_can_compile_collectives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,6 @@ def install_split_step(model):
     model.train_step = types.MethodType(train_step, model)
     model.test_step = types.MethodType(test_step, model)
     model.predict_step = types.MethodType(predict_step, model)
-    model._msa_xla_inner = {"gradients": xla_gradients, "forward": xla_forward}
     return model
 
 

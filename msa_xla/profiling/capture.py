@@ -1,5 +1,5 @@
 """Profiling capture: a window of train steps recorded on the chief (the report on it lives in
-msa_xla/profile_report.py).
+msa_xla/profiling/report.py).
 
 What `python -m msa_xla.train --profile_steps=A,B` does:
 
@@ -18,6 +18,8 @@ compiles it with XLA; start the window later to see steady-state step time.
 from __future__ import annotations
 
 import os
+
+from msa_xla.errors import UserError
 
 PROFILES_ROOT = "profiles"
 
@@ -49,6 +51,8 @@ def _build_window_class():
     """ProfileWindow, a tf_keras callback (built on first use: tf_keras loads TensorFlow)."""
     import tensorflow as tf
     import tf_keras as keras
+
+    from msa_xla.runtime import compat
 
     class ProfileWindow(keras.callbacks.Callback):
         """Profiles train steps A..B (inclusive) with `tf.profiler.experimental` on this process.
@@ -82,10 +86,10 @@ def _build_window_class():
 
         def __init__(self, profile_steps, logdir: str, log=None):
             super().__init__()
-            self._supports_tf_logs = True  # the batch hooks never read the logs
+            compat.keep_logs_as_tensors(self)  # the batch hooks never read the logs
             first, last = (int(s) for s in profile_steps)
             if not 0 <= first <= last:
-                raise ValueError(f"profile_steps={profile_steps}: expected A,B with 0 <= A <= B")
+                raise UserError(f"profile_steps={profile_steps}: expected A,B with 0 <= A <= B")
             self.first, self.last, self.logdir, self._log = first, last, logdir, log
             self.active = False
             self.captured = False  # True once a window was written
@@ -98,8 +102,7 @@ def _build_window_class():
         # Keras' batch index (one read of `optimizer.iterations` per epoch begin, where a
         # resumed run's first epoch starts mid-way).
         def on_train_begin(self, logs=None):
-            spe = getattr(self.model, "_steps_per_execution", None)
-            self._steps_per_execution = int(spe.numpy()) if spe is not None else 1
+            self._steps_per_execution = compat.steps_per_execution(self.model)
             self._maybe_start()
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -127,10 +130,8 @@ def _build_window_class():
         # -- the window ------------------------------------------------------------------------
         def _sync(self) -> int:
             """Waits for the device's pending work; returns the next step's number."""
-            from tensorflow.python.eager import context
-
             step = int(self.model.optimizer.iterations.numpy())
-            context.async_wait()
+            compat.wait_for_device()
             return step
 
         def _maybe_start(self, step=None):
@@ -201,4 +202,4 @@ def make_profile_callback(profile_steps=(), profile_dir=None, profiler_port=0, i
 
 
 def _print_log(line: str) -> None:
-    print(f"[msa_xla.profiling] {line}", flush=True)
+    print(f"[msa_xla.profiling.capture] {line}", flush=True)

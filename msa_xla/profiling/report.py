@@ -5,7 +5,7 @@
 Reads the newest capture with xprof's converter (overview_page, input_pipeline_analyzer,
 framework_op_stats) and, from the raw XSpace, how busy the worker threads were and, for
 XLA-compiled steps on CPU, XLA's own thunk events. Imports neither TensorFlow nor tf_keras, so
-the CLI starts in about a second. The capture itself is msa_xla/profiling.py.
+the CLI starts in about a second. The capture itself is msa_xla/profiling/capture.py.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ import re
 import sys
 
 if __name__.startswith("msa_xla."):
-    from msa_xla import storage
+    from msa_xla import cli
+    from msa_xla.runtime import storage
 else:  # loaded by tools/profile_report.py without msa_xla/__init__.py (TensorFlow, ~5 s)
-    _spec = importlib.util.spec_from_file_location(
-        "msa_xla_storage", os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage.py"))
-    storage = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(storage)
+    def _load(relative_path):
+        package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(
+            "msa_xla_" + relative_path.replace("/", "_")[:-3], os.path.join(package_dir, relative_path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    cli, storage = _load("cli.py"), _load("runtime/storage.py")  # neither imports TensorFlow
 
 REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")
 
@@ -218,7 +224,7 @@ _NOT_THUNKS = _THUNK_BOOKKEEPING + ("ThreadpoolListener::", "end: ")
 _MATMUL_PREFIXES = ("dot", "MatMul", "BatchMatMul", "Einsum", "convolution")
 
 
-@functools.lru_cache(maxsize=None)  # load once: its descriptors register in protobuf's pool
+@functools.cache  # load once: its descriptors register in protobuf's pool
 def _xplane_pb2():
     """TF's XSpace proto module, loaded from its file: importing tensorflow would take ~5 s."""
     package = importlib.util.find_spec("tensorflow")  # locates the package, does not import it
@@ -414,8 +420,7 @@ def main(argv=None) -> int:
     try:
         report = profile_report(args.profile_dir, top=args.top, quiet=True)
     except ProfileNotFound as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.report_error(error)
     if args.json == "-":
         print(json.dumps(report, indent=2))
         return 0
