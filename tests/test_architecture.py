@@ -1,8 +1,10 @@
 """The layout's rules, read from the source (no TensorFlow): no import cycle inside msa_xla, no
 private TensorFlow/tf_keras name outside runtime/compat.py, each choice list and exit code defined
-once (docs/ARCHITECTURE.md, "Rules")."""
+once (docs/ARCHITECTURE.md, "Rules"); and ruff is clean."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -151,3 +153,10 @@ def test_exit_codes_are_written_only_in_cli(code):
                 where.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert where == []
     assert f"= {code} " in (PACKAGE / "cli.py").read_text()
+
+
+def test_ruff_is_clean():
+    """The linter configured in pyproject.toml, over the package, the tests and the tools."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "msa_xla", "tests", "tools"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
