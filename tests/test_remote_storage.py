@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from msa_xla.data import DataError, integrity, load_metadata, make_dataset, schema, synthetic, writer
 from msa_xla.data.integrity import CorruptRecordsWarning, scan_shards
@@ -141,8 +142,8 @@ def test_convert_to_ram_writes_the_same_files(pair):
         "valid-00000-of-00002.tfrecord", "valid-00001-of-00002.tfrecord", "vocab.txt"]
     assert remote_files == local_files  # byte for byte
     assert load_metadata(remote) == load_metadata(local)
-    assert schema.check_tfrecord_framing(storage.join(remote, "train-00000-of-00002.tfrecord"),
-                                         10) == 10
+    remote_shard = storage.join(remote, "train-00000-of-00002.tfrecord")
+    assert sum(1 for _ in tf.data.TFRecordDataset(remote_shard)) == 10
 
 
 @pytest.mark.parametrize("split, kwargs", [

@@ -16,7 +16,6 @@ msa_xla.runtime.storage.
 """
 import json
 import os
-import struct
 
 import numpy as np
 
@@ -264,29 +263,3 @@ def shard_paths(data_dir, meta, split):
             raise DataError(f"{path}: shard listed in metadata.json is missing")
         paths.append((path, shard["count"]))
     return paths
-
-
-def check_tfrecord_framing(path, expected_records=None):
-    """Walk the record headers of a TFRecord file (no payload read); raise DataError naming it.
-
-    Why: tf.data reports a truncated or corrupted file as "truncated record at 758520" without the
-    file name. Each record is [u64 length][u32 crc(length)][payload][u32 crc(payload)], so a file
-    whose headers do not tile it exactly was cut short or overwritten. Costs one 12-byte read a record.
-    """
-    size = storage.stat(path).size
-    records, offset = 0, 0
-    with storage.open_file(path, "rb") as f:
-        while offset < size:
-            header = f.read(12)
-            if len(header) < 12:
-                raise DataError(f"{path}: truncated TFRecord file (partial header at byte {offset})")
-            (length,) = struct.unpack("<Q", header[:8])
-            offset += 12 + length + 4
-            if offset > size:
-                raise DataError(f"{path}: truncated or corrupted TFRecord file (record {records} "
-                                f"claims {length} bytes, file has {size})")
-            f.seek(offset)
-            records += 1
-    if expected_records is not None and records != expected_records:
-        raise DataError(f"{path}: holds {records} records, metadata.json says {expected_records}")
-    return records

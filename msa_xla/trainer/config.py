@@ -1,6 +1,6 @@
 """The run configuration as plain data: one dataclass, built from flags, passed whole.
 
-    cfg = default_config()                      # the preset below
+    cfg = TrainConfig()                         # the preset below
     cfg = TrainConfig.from_flags(absl_flags)    # what `python -m msa_xla.train` does
     cfg.model_kwargs(meta)                      # constructor arguments of the model
 
@@ -166,8 +166,3 @@ def _int_list(value, name):
         return [int(v) for v in value]
     except (TypeError, ValueError):
         raise UserError(f"--{name}={value}: expected comma-separated integers") from None
-
-
-def default_config() -> TrainConfig:
-    """The default preset: see the module docstring for command, hardware and expected result."""
-    return TrainConfig()
