@@ -30,8 +30,11 @@ from tests.model_checks import (
 from tests.test_data_sources import csd_folder, mmsa_dict, with_text_bert, write_csd, write_pickle
 from tests.train_helpers import make_tiny_dataset, results
 
+# The reference attention core: these tests call the model eagerly, where the fused core would
+# compile one XLA program per (Tq, Tk) pair of MulT's nine attentions; the fused core inside MulT
+# is covered by test_models' jit-compiled fit of `mult`.
 SMALL = dict(seq_len=(6, 8, 10), text_dim=12, audio_dim=7, video_dim=5, model_dim=16,
-             num_heads=4, n_levels=1)
+             num_heads=4, n_levels=1, attention_impl="reference")
 NO_DROPOUT = dict.fromkeys(DROPOUTS, 0.0)
 
 
@@ -162,6 +165,7 @@ def test_sinusoidal_positions_are_fairseqs_from_position_one():
     assert sinusoidal_positions(3, 7)[:, -1].tolist() == [0, 0, 0]  # odd dim: zero column
 
 
+@pytest.mark.slow  # one XLA compile of MulT's forward + backward: ~30 s on 2 cores
 def test_training_with_dropout_and_causal_mask_lowers_to_static_hlo():
     model = MulTModel(**SMALL, causal_mask=True)  # every dropout of MMSA's config on
     inputs = padded_inputs()
