@@ -117,7 +117,24 @@ def test_config_round_trip():
 
 
 def test_a_rate_that_rounds_to_dropping_everything_falls_back_to_keras():
-    layer = Dropout(0.999999)  # quantised keep probability 0: no finite scale
-    step = tf.function(lambda x: layer(x, training=True), jit_compile=True)
-    out = step(tf.ones([8, 8])).numpy()
-    assert np.all(np.isfinite(out))
+    # Keep probability 7.6e-6 rounds to 0/65536 (no finite hashed scale): under XLA the layer
+    # must be keras' Dropout, drawing the same mask from the same seeded generator and
+    # scaling kept values by keras' 1 / (1 - rate). 10^6 elements keep ~7.
+    rate = 1.0 - 7.6e-6
+    assert quantized_keep_probability(rate) <= 0
+    x = tf.ones([1000, 1000])
+    keras.backend.experimental.enable_tf_random_generator()
+    try:
+        outs = []
+        for make in (Dropout, keras.layers.Dropout):
+            keras.utils.set_random_seed(5)
+            layer = make(rate, seed=3)
+            step = tf.function(lambda x, layer=layer: layer(x, training=True), jit_compile=True)
+            outs.append(step(x).numpy())
+    finally:
+        keras.backend.experimental.disable_tf_random_generator()
+    ours, reference = outs
+    kept = ours != 0
+    assert 0 < kept.sum() < 100, kept.sum()
+    np.testing.assert_array_equal(ours, reference)
+    np.testing.assert_allclose(ours[kept], 1.0 / (1.0 - rate), rtol=1e-6)

@@ -39,14 +39,29 @@ def small_model(name, **overrides):
     return MODELS[name](**kwargs)
 
 
+# Model outputs are O(1) (|y| <= 2.4 here): with the same weights the half-precision result may
+# differ from float32 by a few ulps of the half type per layer: bfloat16 (eps 2^-8) within 0.05
+# absolute, float16 (eps 2^-11) within 0.01. Measured worst cases (seqlevel, msa, improved,
+# balanced): 0.028 bfloat16 (improved), 0.0018 float16 (balanced); mult passes both.
+POLICY_TOLERANCE = {"float32": 0.0, "mixed_bfloat16": 5e-2, "mixed_float16": 1e-2}
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_output_is_batch_by_one_float32_under_each_policy(name, policy):
+def test_output_under_each_policy_is_float32_and_matches_float32_with_the_same_weights(name,
+                                                                                     policy):
+    inputs = padded_inputs()
+    reference = small_model(name)
+    want = reference(inputs, training=False).numpy()
     keras.mixed_precision.set_global_policy(policy)
     model = small_model(name)
-    out = model(padded_inputs(), training=False)
+    out = model(inputs, training=False)
     assert out.shape == (4, 1) and out.dtype == tf.float32
+    assert all(w.dtype == tf.float32 for w in model.weights)
+    model.set_weights(reference.get_weights())
+    out = model(inputs, training=False).numpy()
     assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, want, rtol=0, atol=POLICY_TOLERANCE[policy])
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -96,10 +111,14 @@ def test_save_and_load_keras_and_savedmodel(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_fit_with_jit_compile_lowers_the_loss(name):
+def test_fit_with_jit_compile_learns_to_half_the_constant_predictors_error(name):
     inputs = padded_inputs(batch=16)
-    losses = fit_losses(small_model(name), inputs, learnable_targets(inputs))
-    assert losses[-1] < 0.8 * losses[0], losses
+    targets = learnable_targets(inputs)
+    losses = fit_losses(small_model(name), inputs, targets)
+    y = targets.numpy()
+    constant = float(np.mean(np.abs(y - np.median(y))))  # MAE of the best constant: 2.07
+    # Measured (8 epochs): the last epoch's MAE is 0.14-0.30 of the constant's, per model.
+    assert losses[-1] < 0.5 * constant, (losses, constant)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -127,23 +146,50 @@ def test_balanced_coefficients_slow_only_the_dominant_modality():
     np.testing.assert_allclose(modulation_coefficients([0.5] * 3, alpha=0.5), 1.0, atol=1e-6)
 
 
-def test_balanced_train_step_scales_the_dominant_encoder_gradients():
+def test_balanced_gradients_scale_each_dominant_encoder_by_exactly_its_coefficient():
+    # compute_gradients is the step's gradient computation (train_step applies its result; the
+    # split-step plan XLA-compiles it per replica). Eager here: one trace-free pass per case.
     inputs = padded_inputs(batch=8)
     targets = learnable_targets(inputs)
-    grads = {}
-    for alpha in (0.0, 50.0):
-        keras.utils.set_random_seed(0)
-        model = small_model("balanced", alpha=alpha, gaussian_enhancement=False)
-        model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mae")
-        model(inputs)
-        before = [v.numpy() for v in model.encoders[0].trainable_variables]
-        logs = model.train_on_batch(inputs, targets, return_dict=True)
-        grads[alpha] = [b - v.numpy() for b, v in zip(before, model.encoders[0].trainable_variables)]
-        coeff_text = logs["coeff_text"]
-    # With alpha=50 text's update is its unmodulated update times coeff_text (SGD lr=1).
-    assert 0.0 <= coeff_text <= 1.0
-    for unmodulated, modulated in zip(grads[0.0], grads[50.0]):
-        np.testing.assert_allclose(modulated, unmodulated * coeff_text, atol=1e-5)
+    model = small_model("balanced", gaussian_enhancement=False)
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mae")
+    model(inputs)
+    sequences, masks = model._unpack(inputs)
+    _, extras = model.forward(sequences, masks, training=True)  # dropout 0: deterministic
+    errors = np.array([np.mean(np.abs(targets.numpy() - u.numpy())) for u in extras["unimodal"]],
+                      np.float32)
+    scores = 1.0 / (errors + np.float32(1e-6))
+    ratios = scores / ((scores.sum() - scores) / np.float32(2.0))
+    top = int(np.argmax(ratios))
+    assert ratios[top] > 1.0 and np.any(ratios < 1.0), ratios
+    # alpha * (ratio - 1) = 0.5 for the most dominant modality: its coefficient is
+    # 1 - tanh(0.5) = 0.538, strictly inside (0, 1), so neither "no modulation" (1) nor "frozen
+    # encoder" (0) passes; any other modality above the mean of the others gets its own.
+    alpha = float(0.5 / (ratios[top] - 1.0))
+    want = np.where(ratios > 1.0, 1.0 - np.tanh(alpha * (ratios - 1.0)), 1.0)
+    np.testing.assert_allclose(want[top], 1.0 - np.tanh(0.5), rtol=1e-6)
+    assert np.all(want[ratios > 1.0] < 0.99)
+
+    model.alpha = 0.0  # unmodulated gradients of the same weights and batch
+    _, _, plain, plain_extras = model.compute_gradients(inputs, targets)
+    np.testing.assert_array_equal(plain_extras["coefficients"], 1.0)
+    model.alpha = alpha
+    _, _, grads, extras = model.compute_gradients(inputs, targets)
+    coeffs = extras["coefficients"].numpy()
+    np.testing.assert_allclose(coeffs, want, rtol=1e-4)
+    np.testing.assert_array_equal(coeffs[ratios < 1.0], 1.0)
+
+    owners = model._modality_of_variables()
+    assert set(owners) == {-1, 0, 1, 2}
+    for owner, variable, got, unmodulated in zip(owners, model.trainable_variables, grads, plain):
+        unmodulated = unmodulated.numpy()
+        assert np.any(unmodulated != 0), variable.name  # every weight has a gradient
+        if owner >= 0 and coeffs[owner] < 1.0:
+            expected = unmodulated * coeffs[owner]
+        else:  # non-dominant encoders and everything outside the encoders: untouched
+            expected = unmodulated
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=0,
+                                   err_msg=variable.name)
 
 
 def test_improved_model_switches_are_in_its_config():
@@ -205,12 +251,32 @@ def test_sequence_longer_than_seq_len_is_refused():
         model(tuple(inputs[:3]))
 
 
-def test_token_text_input_embeds_ids():
-    model = MSASeqLevelModel(**SMALL, text_input="tokens", vocab_size=50)
+def test_token_text_input_is_the_embedding_lookup_with_id_0_as_padding():
+    # The same model fed float features equals the token model once its text features are
+    # the embedding rows of the ids, looked up by hand, and its text mask is ids != 0.
+    tokens = MSASeqLevelModel(**SMALL, text_input="tokens", vocab_size=50)
+    features = MSASeqLevelModel(**SMALL)
     inputs = padded_inputs()
-    ids = tf.constant(np.random.default_rng(0).integers(1, 50, size=(4, 6)), tf.int32)
-    out = model((ids,) + inputs[1:], training=False)
+    ids = np.random.default_rng(0).integers(1, 50, size=(4, 6))
+    ids[:, 4:] = 0  # padding after 4 steps
+    ids[2, 1:] = 0  # one clip of a single token
+    out = tokens((tf.constant(ids, tf.int32),) + inputs[1:3], training=False)
+    features(inputs, training=False)
+    table = tokens.token_embedding.embeddings.numpy()
+    assert table.shape == (50, SMALL["text_dim"])
+
+    def key(variable):  # the path below the model's own (auto-numbered) name
+        return variable.name.split("/", 1)[1]
+
+    shared = {key(v): v for v in tokens.weights if v is not tokens.token_embedding.embeddings}
+    assert sorted(shared) == sorted(key(v) for v in features.weights)
+    for variable in features.weights:
+        variable.assign(shared[key(variable)])
+    by_hand = tf.constant(table[ids], tf.float32)  # (4, 6, text_dim)
+    mask = tf.constant(ids != 0)
+    want = features((by_hand,) + inputs[1:3] + (mask,) + inputs[4:], training=False)
     assert out.shape == (4, 1)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="needs vocab_size"):
         MSASeqLevelModel(**SMALL, text_input="tokens")
 

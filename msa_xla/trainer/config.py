@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 
 from msa_xla import options
@@ -99,11 +100,13 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 1")
-        if self.learning_rate <= 0:
-            raise UserError(f"--learning_rate={self.learning_rate} must be > 0")
+        if not 0 < self.learning_rate < math.inf:  # also refuses nan
+            raise UserError(f"--learning_rate={self.learning_rate} must be finite and > 0")
         for name in ("clipnorm", "checkpoint_every", "steps_per_execution"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # also refuses nan
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 < self.lr_plateau_factor < 1.0:  # keras raises a plain ValueError for >= 1
+            raise UserError(f"--lr_plateau_factor={self.lr_plateau_factor} must be in (0, 1)")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise UserError(f"--dropout_rate={self.dropout_rate} must be in [0, 1)")
         if not self.seeds:
