@@ -24,6 +24,10 @@ from tests.model_checks import (
 )
 
 MODEL_NAMES = sorted(MODELS)
+# Where each case costs an XLA compile or a SavedModel export (10-80 s on 2 cores), the quick tier
+# runs the default model and the slow tier the others; MulT's eager calls are slow-tier too.
+BY_COST = [pytest.param(name, marks=() if name == "seqlevel" else pytest.mark.slow)
+           for name in MODEL_NAMES]
 
 
 def small_model(name, **overrides):
@@ -47,7 +51,8 @@ POLICY_TOLERANCE = {"float32": 0.0, "mixed_bfloat16": 5e-2, "mixed_float16": 1e-
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "mult" else n
+                                  for n in MODEL_NAMES])
 def test_output_under_each_policy_is_float32_and_matches_float32_with_the_same_weights(name,
                                                                                      policy):
     inputs = padded_inputs()
@@ -96,7 +101,7 @@ def test_config_round_trip_and_summary(name):
     assert any(layer in line for line in lines)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", BY_COST)
 def test_save_and_load_keras_and_savedmodel(name, tmp_path):
     model = small_model(name)
     inputs = padded_inputs()
@@ -110,7 +115,7 @@ def test_save_and_load_keras_and_savedmodel(name, tmp_path):
     np.testing.assert_allclose(restored(inputs, training=False), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", BY_COST)
 def test_fit_with_jit_compile_learns_to_half_the_constant_predictors_error(name):
     inputs = padded_inputs(batch=16)
     targets = learnable_targets(inputs)
@@ -121,7 +126,7 @@ def test_fit_with_jit_compile_learns_to_half_the_constant_predictors_error(name)
     assert losses[-1] < 0.5 * constant, (losses, constant)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", BY_COST)
 def test_forward_backward_lowers_to_static_hlo(name):
     model = small_model(name)
     inputs = padded_inputs()
@@ -281,6 +286,7 @@ def test_token_text_input_is_the_embedding_lookup_with_id_0_as_padding():
         MSASeqLevelModel(**SMALL, text_input="tokens")
 
 
+@pytest.mark.slow  # fit + evaluate of the balanced model under XLA: ~50 s on 2 cores
 def test_balanced_logs_coefficients_in_training_only_and_takes_partial_batches():
     inputs = padded_inputs(batch=6)
     data = tf.data.Dataset.from_tensor_slices((inputs, learnable_targets(inputs))).batch(4)

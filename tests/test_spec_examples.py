@@ -35,6 +35,7 @@ def spec_data_dir(tmp_path, monkeypatch):
     return "./data"
 
 
+@pytest.mark.slow  # trains the spec-sized model: 40-60 s on 2 cores
 def test_training_example(spec_data_dir):
     from msa_xla import MSASeqLevelModel
     from msa_xla.data import make_dataset
@@ -76,6 +77,7 @@ def test_explicit_masks():
     assert output.shape == (4, 1)
 
 
+@pytest.mark.slow  # a mixed_float16 step of the spec-sized model: 40-60 s on 2 cores
 def test_mixed_precision_training():
     from tf_keras import mixed_precision
 
