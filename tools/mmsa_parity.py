@@ -33,6 +33,7 @@ sys.path.insert(0, REPO_DIR)
 
 import numpy as np  # noqa: E402
 
+from msa_xla import cli  # noqa: E402
 from msa_xla.options import SPLITS  # noqa: E402
 
 
@@ -143,8 +144,7 @@ def check_data(path, log=print):
         with tempfile.TemporaryDirectory() as tmp:
             ours, meta = msa_xla_view(path, os.path.join(tmp, "converted"))
     except (DataError, OSError, KeyError, TypeError) as err:
-        print(f"error: {path}: {err}", file=sys.stderr)
-        return 2
+        return cli.report_error(f"{path}: {err}")
     log(f"{path}: {'unaligned' if unaligned else 'aligned'}, text_bert "
         f"{'present' if has_bert else 'absent'}; msa_xla shapes "
         + ", ".join(f"{m} {v['seq_len']}x{v['dim']}" for m, v in meta["modalities"].items()))
