@@ -85,6 +85,13 @@ KINDS = ("attention core", "attention projections", "feed-forward", "layer norm"
 OPTIMIZER_SCOPES = ("Adam",)  # trainer/step.py make_optimizer
 LOSS_SCOPES = ("mean_absolute_error",)  # trainer/loop.py: loss="mae"
 HEAD, LOSS, UPDATE, OTHER = "head", "loss", "optimizer update", "other (metrics, step bookkeeping)"
+# Without a whole-step compile (--jit_compile=false) the `fused` attention core is an XLA
+# program of its own (kernels/attention.py `_attention_math`, jit_compile=True; XLA names its
+# programs `a_forward__attention_math_...`, `a_inference___backward__attention_math_...`). Its
+# op names are relative to that function, and the capture does not record which layer called
+# it: its thunks are one part of their own.
+FUSED_CORE_PROGRAM, FUSED_CORE_SCOPE = "_attention_math_", "fused_attention"
+FUSED_CORE_PART = "fused attention core (caller not recorded)"
 NO_OP_NAME = "unattributed: no op name"
 OUTSIDE_THUNKS = "unattributed: outside thunk events"
 _GRADIENT = "gradient_tape/"
@@ -106,6 +113,8 @@ def classify(op_name: str) -> tuple[str, str, str]:
     backward = op_name.startswith(_GRADIENT)
     scopes = op_name[len(_GRADIENT):].split("/") if backward else op_name.split("/")
     first = scopes[0]
+    if first == FUSED_CORE_SCOPE:
+        return FUSED_CORE_PART, "attention core", "backward" if backward else "forward"
     if _base(first) in OPTIMIZER_SCOPES:
         return UPDATE, "other", "update"
     direction = "backward" if backward else "forward"
@@ -229,6 +238,11 @@ def format_parts(table: dict) -> list[str]:
     for p in table["parts"]:
         lines.append(f"{p['ms_per_step']:9.3f} {p['share_percent']:5.1f}% {p['forward_ms']:8.3f} "
                      f"{p['backward_ms']:8.3f} {p['update_ms']:8.3f}  {p['part']}")
+    if table["source"].startswith("XLA:CPU"):
+        lines.append(f"({OUTSIDE_THUNKS}: XLA's executor between thunks and other work on the "
+                     "worker threads; matmul work Eigen finished after a dot's event is counted "
+                     f"in the dot's part: {table.get('async_matmul_ms_per_step', 0):.2f} ms a "
+                     "step)")
     lines += ["", "by kind of layer (all parts)",
               f"{'ms/step':>9} {'share':>6} {'fwd ms':>8} {'bwd ms':>8}  kind"]
     for k in table["kinds"]:
@@ -355,7 +369,6 @@ def hlo_modules_in_dump(folder: str) -> dict[str, dict[str, str]]:
 # ----------------------------------------------------------------------------------------------
 # XLA:CPU: thunk events -> units
 # ----------------------------------------------------------------------------------------------
-_NOT_THUNKS = ("ThunkExecutor::", "SlinkyThreadPool::", "ThreadpoolListener::", "end: ")
 _REGION_START, _REGION_STOP = "ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion"
 _END = "end: "  # XLA:CPU's completion marker of a thunk ("end: dot.2"), same context id
 
@@ -380,9 +393,12 @@ def thunk_units(planes, modules: dict[str, dict[str, str]]) -> dict:
       worker threads' busy time covered by no thunk event between those two points is the
       matmul's; it goes to the thunks in flight then (split evenly when several are);
     - the rest of the busy time (XLA's executor between thunks, TF's runtime) is left out.
+    A thunk is an event with an `hlo_op` stat; they run on the Eigen worker threads and, inline,
+    on the TF thread that launched the program (`tf_Compute`).
 
     Returns:
-      {"units": [...], "thunk_ps", "async_ps", "busy_ps"} (busy: the listener's task regions).
+      {"units": [...], "thunk_ps", "async_ps", "busy_ps"}: busy is the worker threads' task
+      regions (the threadpool listener's) plus the thunks on other threads.
     """
     units, thunk_ps, busy_ps = [], 0.0, 0.0
     uncovered, in_flight = [], []  # [(start, end)] absolute ps; [(start, end, op name)]
@@ -390,9 +406,12 @@ def thunk_units(planes, modules: dict[str, dict[str, str]]) -> dict:
         stat_names = {key: meta.name for key, meta in plane.stat_metadata.items()}
         event_names = {key: meta.name for key, meta in plane.event_metadata.items()}
         completions, thunks = {}, []  # context id -> completion ps; [(ctx, event end, op)]
+        hlo_stat_ids = {key for key, name in stat_names.items() if name == "hlo_op"}
         for line in plane.lines:
-            if "Eigen" not in line.name:
-                continue
+            workers = "Eigen" in line.name  # TF's worker pool: the listener marks busy time
+            if not workers and not any(stat.metadata_id in hlo_stat_ids
+                                       for event in line.events for stat in event.stats):
+                continue  # neither a worker thread nor one that ran XLA (tf_Compute)
             base = line.timestamp_ns * 1000
             events = sorted(line.events, key=lambda e: (e.offset_ps, -e.duration_ps))
             open_events, covered, regions = [], [], []  # open: [end, op name, self, is thunk]
@@ -416,13 +435,15 @@ def thunk_units(planes, modules: dict[str, dict[str, str]]) -> dict:
                         regions.append((region_start, at))
                 if name.startswith(_END):
                     completions[_stat(event, stat_names, "_c")] = at
-                if name.startswith(_NOT_THUNKS):
-                    thunk, op_name = False, None
+                if not any(stat.metadata_id in hlo_stat_ids for stat in event.stats):
+                    thunk, op_name = False, None  # bookkeeping, a TF op, a listener mark
                 else:
                     thunk = True
                     module = _stat(event, stat_names, "hlo_module")
                     instruction = _stat(event, stat_names, "hlo_op") or name
                     op_name = modules.get(module, {}).get(instruction)
+                    if op_name and FUSED_CORE_PROGRAM in str(module):
+                        op_name = program_scope(str(module)) + op_name
                     if op_name is None:  # a thunk inside another takes its caller's op name
                         callers = [e for e in open_events if e[3] and e[1]]
                         op_name = callers[-1][1] if callers else None
@@ -434,8 +455,11 @@ def thunk_units(planes, modules: dict[str, dict[str, str]]) -> dict:
                     open_events[-1][2] -= event.duration_ps
                 open_events.append([at + event.duration_ps, op_name, float(event.duration_ps),
                                     thunk])
-            busy_ps += sum(b - a for a, b in regions)
-            uncovered += _subtract(regions, covered)
+            if workers:
+                busy_ps += sum(b - a for a, b in regions)
+                uncovered += _subtract(regions, covered)
+            else:  # the thread that called the program (tf_Compute) runs thunks inline too
+                busy_ps += sum(b - a for a, b in covered)
         for context, event_end, op_name in thunks:
             done = completions.get(context)
             if context is not None and done is not None and done > event_end:
@@ -443,6 +467,12 @@ def thunk_units(planes, modules: dict[str, dict[str, str]]) -> dict:
     async_units = _share_out(uncovered, in_flight)
     return {"units": units + async_units, "thunk_ps": thunk_ps,
             "async_ps": sum(u[1] for u in async_units), "busy_ps": busy_ps}
+
+
+def program_scope(module: str) -> str:
+    """The scope prefix for the op names of a stand-alone fused attention program."""
+    backward = "_backward_" in module
+    return ("gradient_tape/" if backward else "") + FUSED_CORE_SCOPE + "/"
 
 
 def _subtract(intervals, holes):
@@ -493,13 +523,14 @@ def _bisect(points, value):
     return bisect.bisect_left(points, value)
 
 
-def cpu_model_parts(planes, steps: int, busy_ps: float | None = None, hlo_dirs=()) -> dict | None:
+def cpu_model_parts(planes, steps: int, hlo_dirs=()) -> dict | None:
     """The parts table of an XLA:CPU capture, or None without thunk events or HLO.
+
+    The total is the busy time of `thunk_units`: the worker threads' task regions (report.py's
+    `worker_activity`) plus the thunks run inline on TF's compute threads.
 
     Args:
       planes: the capture's XPlanes (all of them: the metadata plane holds the HLO).
-      busy_ps: the table's total; default: the worker threads' busy time (the listener's task
-        regions), or the thunks' own total when the capture has no regions.
       hlo_dirs: folders of XLA text dumps, read when the capture holds no HLO.
     """
     modules = hlo_modules_in_xspace(planes)
@@ -510,9 +541,10 @@ def cpu_model_parts(planes, steps: int, busy_ps: float | None = None, hlo_dirs=(
     if not timed["units"] or not modules:
         return None
     attributed = timed["thunk_ps"] + timed["async_ps"]
-    total = max(float(busy_ps or timed["busy_ps"]), attributed)
+    total = max(timed["busy_ps"], attributed)
     table = aggregate(timed["units"], total, steps, source="XLA:CPU thunk events",
-                      total_is="the worker threads' busy time", outside_ps=total - attributed)
+                      total_is="busy thread time (the worker threads' tasks + thunks run "
+                      "inline on TF's threads)", outside_ps=total - attributed)
     table["async_matmul_ms_per_step"] = round(timed["async_ps"] / 1e9 / table["steps"], 3)
     return table
 
@@ -548,12 +580,21 @@ def device_model_parts(hlo_stats: dict | list, steps: int) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # no XLA: TF's own ops (framework_op_stats) -> units
 # ----------------------------------------------------------------------------------------------
-def framework_op_parts(ops: list[dict], steps: int) -> dict | None:
-    """The parts table from TF's ops (report.py `top_ops` rows without the input pipeline's:
-    `name`, `self_time_ms`, `occurrences`) of a step that ran without XLA, or None."""
+def framework_op_parts(ops: list[dict], steps: int, planes=()) -> dict | None:
+    """The parts table of a step that ran without a whole-step compile, or None: TF's ops
+    (report.py `top_ops` rows without the input pipeline's: `name`, `self_time_ms`,
+    `occurrences`) plus the thunks of XLA programs inside it (framework_op_stats does not list
+    them on CPU: the `fused` attention core's program under --jit_compile=false)."""
     units = [(op["name"] or None, op["self_time_ms"] * 1e9, op["occurrences"]) for op in ops
              if op["self_time_ms"] > 0]
+    source = "TF ops (framework_op_stats)"
+    modules = hlo_modules_in_xspace(planes) if planes else {}
+    if modules:
+        timed = thunk_units(planes, modules)
+        if timed["units"]:
+            units += timed["units"]
+            source += " + XLA:CPU thunk events"
     if not units:
         return None
-    return aggregate(units, sum(u[1] for u in units), steps, source="TF ops (framework_op_stats)",
-                     total_is="the model's TF ops' self time")
+    return aggregate(units, sum(u[1] for u in units), steps, source=source,
+                     total_is="the model's TF ops' and XLA thunks' self time")

@@ -366,24 +366,23 @@ def profile_report(folder: str, top: int = 10, quiet: bool = False) -> dict:
     report["workers"] = worker_activity(paths, report["steps"])
     xla_hidden = bool(step_ms and model_op_ms < 0.1 * step_ms)
     report["notes"] = [_XLA_NOTE] if xla_hidden and report["xla_thunks"] is None else []
-    report["model_parts"] = model_parts(paths, folder, report["steps"], report["workers"],
-                                        op_stats, xla_hidden, quiet)
+    report["model_parts"] = model_parts(paths, folder, report["steps"], op_stats, xla_hidden,
+                                        quiet)
     return report
 
 
-def model_parts(paths, folder, steps, workers, op_stats, xla_hidden, quiet=False):
+def model_parts(paths, folder, steps, op_stats, xla_hidden, quiet=False):
     """The step's time by model part (msa_xla/profiling/parts.py), from the best source the
     capture has: xprof's per-HLO-op table on TPU/GPU; on CPU, XLA's thunk events mapped to the
     HLO's op names when the step ran under XLA, else TF's own ops (framework_op_stats), whose
     names are the same scopes. None if none of them has data."""
     table = parts.device_model_parts(convert(paths, "hlo_stats", quiet), steps)
     if table is None and xla_hidden:
-        busy_ps = workers["busy_ms_per_step"] * 1e9 * max(steps, 1) if workers else None
-        table = parts.cpu_model_parts(_planes(tuple(paths)), steps, busy_ps,
+        table = parts.cpu_model_parts(_planes(tuple(paths)), steps,
                                       hlo_dirs=[os.path.join(folder, "hlo")])
     if table is None:
         ops = [op for op in top_ops(op_stats, top=10 ** 6) if not _is_input_op(op)]
-        table = parts.framework_op_parts(ops, steps)
+        table = parts.framework_op_parts(ops, steps, _planes(tuple(paths)))
     return table
 
 
