@@ -4,8 +4,9 @@
 
 Reads the newest capture with xprof's converter (overview_page, input_pipeline_analyzer,
 framework_op_stats) and, from the raw XSpace, how busy the worker threads were and, for
-XLA-compiled steps on CPU, XLA's own thunk events. Imports neither TensorFlow nor tf_keras, so
-the CLI starts in about a second. The capture itself is msa_xla/profiling/capture.py.
+XLA-compiled steps on CPU, XLA's own thunk events; and the step's time by model part
+(msa_xla/profiling/parts.py). Imports neither TensorFlow nor tf_keras, so the CLI starts in
+about a second. The capture itself is msa_xla/profiling/capture.py.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ else:  # loaded by tools/profile_report.py without msa_xla/__init__.py (TensorFl
     # None of these imports TensorFlow.
     cli, storage, parts = _load("cli.py"), _load("runtime/storage.py"), _load("profiling/parts.py")
 
-REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")
+REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")  # + hlo_stats
 
 
 class ProfileNotFound(FileNotFoundError):
