@@ -7,8 +7,11 @@
     python tools/profile_report.py profiles/<run name> --json -             # JSON on stdout
 
 Reads the newest *.xplane.pb under the folder with xprof's converter (overview_page,
-input_pipeline_analyzer, framework_op_stats): the numbers TensorBoard's Profile tab shows for the
-same capture. A folder without a profile prints one `error: ...` line and exits with code 2.
+input_pipeline_analyzer, framework_op_stats, hlo_stats): the numbers TensorBoard's Profile tab
+shows for the same capture; then the step's time by model part (each encoder, fusion direction,
+head, loss, optimizer update; attention core, projections, feed-forward, layer norm, dropout;
+forward and backward), from XLA's thunk events and the optimized HLO in the capture
+(msa_xla/profiling/parts.py). A folder without a profile prints one `error: ...` line and exits with code 2.
 All the work lives in msa_xla/profiling/report.py.
 """
 import importlib.util

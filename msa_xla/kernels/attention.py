@@ -25,6 +25,7 @@ import math
 import tensorflow as tf
 
 from msa_xla.errors import UserError
+from msa_xla.kernels.scopes import gradient_scope
 from msa_xla.options import ATTENTION_IMPLS
 from msa_xla.runtime.compat import in_xla_context
 
@@ -232,7 +233,13 @@ def _make_online_softmax_attention(kv_mask, block_size):
         # log-sum-exp per row; 0 where the row has no key (its weights are all masked anyway).
         lse = tf.where(has_key, row_max + tf.math.log(tf.where(has_key, row_sum, 1.0)), 0.0)
 
+        scope = gradient_scope()  # the backward ops' names (kernels/scopes.py)
+
         def grad(d_out):
+            with tf.name_scope(scope):
+                return _grad(d_out)
+
+        def _grad(d_out):
             d_out = tf.cast(d_out, tf.float32)
             # D_i = sum_d dO_i * O_i: the softmax Jacobian term, one scalar per row.
             row_dot = tf.transpose(tf.reduce_sum(d_out * out32, axis=-1), [0, 2, 1])  # (B, H, Tq)

@@ -14,6 +14,7 @@ own gradients run.
 
 import tensorflow as tf
 
+from msa_xla.kernels.scopes import gradient_scope
 from msa_xla.runtime.compat import xla_target_platform
 
 
@@ -48,8 +49,13 @@ def _linear_bias_grad_in_matmul(x, kernel, bias):
     rows = tf.reshape(x, [-1, d_in])  # (N, D_in): N = every leading position
     out = tf.matmul(rows, kernel) + bias
     out_shape = tf.concat([tf.shape(x)[:-1], [d_out]], 0)
+    scope = gradient_scope()  # the backward ops' names (kernels/scopes.py)
 
     def grad(d_out_value):
+        with tf.name_scope(scope):
+            return _grad(d_out_value)
+
+    def _grad(d_out_value):
         d_rows = tf.reshape(d_out_value, [-1, d_out])  # (N, D_out)
         d_x = tf.reshape(tf.matmul(d_rows, kernel, transpose_b=True), tf.shape(x))
         # [x, 1]^T @ dy: rows 0..D_in-1 are the kernel gradient, the last row the bias one.

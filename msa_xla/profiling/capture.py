@@ -32,6 +32,25 @@ def default_profile_dir(run_name: str | None) -> str:
     return os.path.join(PROFILES_ROOT, run_name or "run")
 
 
+def enable_xla_trace_events(environ=os.environ) -> bool:
+    """Asks XLA:CPU to record one trace event per thunk (what the report's by-part table
+    reads), by adding `--xla_cpu_enable_xprof_traceme=true` to XLA_FLAGS. XLA reads XLA_FLAGS
+    at its first compilation, so this runs before the model is built (trainer/main.py does so
+    when --profile_steps is given); an explicit setting of the flag in XLA_FLAGS is kept.
+    Returns True if the flag was added.
+
+    No HLO dump is needed: the capture holds each program's optimized HLO (xprof's metadata
+    plane). To dump it anyway, add `--xla_dump_to=<profile dir>/hlo --xla_dump_hlo_as_text`
+    (the report reads `<profile dir>/hlo` when the capture holds no HLO).
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    if "--xla_cpu_enable_xprof_traceme" in flags:
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {XLA_TRACEME_FLAG}".strip()
+    return True
+
+
+XLA_TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
 _server_port = None  # one profiler server per process (a second start would fail)
 
 

@@ -4,8 +4,9 @@
 
 Reads the newest capture with xprof's converter (overview_page, input_pipeline_analyzer,
 framework_op_stats) and, from the raw XSpace, how busy the worker threads were and, for
-XLA-compiled steps on CPU, XLA's own thunk events. Imports neither TensorFlow nor tf_keras, so
-the CLI starts in about a second. The capture itself is msa_xla/profiling/capture.py.
+XLA-compiled steps on CPU, XLA's own thunk events; and the step's time by model part
+(msa_xla/profiling/parts.py). Imports neither TensorFlow nor tf_keras, so the CLI starts in
+about a second. The capture itself is msa_xla/profiling/capture.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 
 if __name__.startswith("msa_xla."):
     from msa_xla import cli
+    from msa_xla.profiling import parts
     from msa_xla.runtime import storage
 else:  # loaded by tools/profile_report.py without msa_xla/__init__.py (TensorFlow, ~5 s)
     def _load(relative_path):
@@ -31,9 +33,10 @@ else:  # loaded by tools/profile_report.py without msa_xla/__init__.py (TensorFl
         spec.loader.exec_module(module)
         return module
 
-    cli, storage = _load("cli.py"), _load("runtime/storage.py")  # neither imports TensorFlow
+    # None of these imports TensorFlow.
+    cli, storage, parts = _load("cli.py"), _load("runtime/storage.py"), _load("profiling/parts.py")
 
-REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")
+REPORT_TOOLS = ("overview_page", "input_pipeline_analyzer", "framework_op_stats")  # + hlo_stats
 
 
 class ProfileNotFound(FileNotFoundError):
@@ -48,7 +51,7 @@ class ProfileNotFound(FileNotFoundError):
 _INPUT_OP_TYPES = ("Dataset", "ParseExampleV2", "ParseExample", "IteratorGetNext",
                    "MultiDeviceIteratorFromStringHandle", "TFRecordDataset", "FlatMapDataset",
                    "TensorSliceDataset")
-XLA_TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"
+XLA_TRACEME_FLAG = "--xla_cpu_enable_xprof_traceme=true"  # as capture.py (no import: no TF)
 _XLA_NOTE = ("the model's ops are (almost) missing above: the train step ran as XLA "
              "computations, whose ops framework_op_stats does not list on CPU; for XLA's own "
              f"breakdown rerun with XLA_FLAGS={XLA_TRACEME_FLAG} (see the XLA thunks table), or "
@@ -236,16 +239,21 @@ def _xplane_pb2():
     return module
 
 
-@functools.lru_cache(maxsize=4)  # the thunk table and the worker activity read the same files
-def _host_planes(xplane_paths: tuple[str, ...]) -> list:
-    """The planes of the captures that hold events (on CPU: the host's), parsed."""
+@functools.lru_cache(maxsize=4)  # the thunk tables and the worker activity read the same files
+def _planes(xplane_paths: tuple[str, ...]) -> list:
+    """Every plane of the captures, parsed (the metadata plane holds the XLA programs' HLO)."""
     pb2 = _xplane_pb2()
     planes = []
     for path in xplane_paths:
         space = pb2.XSpace()
         space.ParseFromString(storage.read_bytes(path))
-        planes += [plane for plane in space.planes if plane.lines]
+        planes += list(space.planes)
     return planes
+
+
+def _host_planes(xplane_paths: tuple[str, ...]) -> list:
+    """The planes of the captures that hold events (on CPU: the host's)."""
+    return [plane for plane in _planes(xplane_paths) if plane.lines]
 
 
 def _eigen_lines(xplane_paths: tuple[str, ...]):
@@ -357,9 +365,26 @@ def profile_report(folder: str, top: int = 10, quiet: bool = False) -> dict:
     step_ms = report["step_time_ms"]["mean"] * report["steps"]
     report["xla_thunks"] = xla_thunk_kinds(paths, report["steps"], top)
     report["workers"] = worker_activity(paths, report["steps"])
-    xla_hidden = step_ms and model_op_ms < 0.1 * step_ms
+    xla_hidden = bool(step_ms and model_op_ms < 0.1 * step_ms)
     report["notes"] = [_XLA_NOTE] if xla_hidden and report["xla_thunks"] is None else []
+    report["model_parts"] = model_parts(paths, folder, report["steps"], op_stats, xla_hidden,
+                                        quiet)
     return report
+
+
+def model_parts(paths, folder, steps, op_stats, xla_hidden, quiet=False):
+    """The step's time by model part (msa_xla/profiling/parts.py), from the best source the
+    capture has: xprof's per-HLO-op table on TPU/GPU; on CPU, XLA's thunk events mapped to the
+    HLO's op names when the step ran under XLA, else TF's own ops (framework_op_stats), whose
+    names are the same scopes. None if none of them has data."""
+    table = parts.device_model_parts(convert(paths, "hlo_stats", quiet), steps)
+    if table is None and xla_hidden:
+        table = parts.cpu_model_parts(_planes(tuple(paths)), steps,
+                                      hlo_dirs=[os.path.join(folder, "hlo")])
+    if table is None:
+        ops = [op for op in top_ops(op_stats, top=10 ** 6) if not _is_input_op(op)]
+        table = parts.framework_op_parts(ops, steps, _planes(tuple(paths)))
+    return table
 
 
 def format_report(report: dict) -> str:
@@ -398,6 +423,8 @@ def format_report(report: dict) -> str:
         for kind in thunks["kinds"]:
             lines.append(f"{kind['ms_per_step']:9.3f} {kind['share_percent']:5.1f}% "
                          f"{kind['per_step']:7.1f}  {kind['kind']}")
+    if report.get("model_parts"):
+        lines += [""] + parts.format_parts(report["model_parts"])
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -219,6 +219,10 @@ def main(argv) -> int:
 
     try:
         cfg = TrainConfig.from_flags(FLAGS)
+        if cfg.profile_steps:  # before XLA's first compilation reads XLA_FLAGS
+            from msa_xla.profiling.capture import enable_xla_trace_events
+
+            enable_xla_trace_events()
         start = time.time()
         code = run(cfg, FLAGS.cpu_replicas)
         if code == cli.EXIT_OK:
