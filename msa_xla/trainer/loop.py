@@ -119,7 +119,10 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
 
     # ---- eval ---------------------------------------------------------------------------------
     steps_trained = int(model.optimizer.iterations.numpy())
-    handles["early"].restore_best()  # (the best epoch's weights carry its optimizer state too)
+    # Read before restore_best: the best epoch's weights carry its optimizer state too, LR
+    # included, which would hide every plateau reduction made after the best epoch.
+    final_learning_rate = float(keras.backend.get_value(model.optimizer.learning_rate))
+    handles["early"].restore_best()
     test = eval_data(cfg.data_dir, "test", cfg.batch_size, strategy, text_input=cfg.text_input,
                       skip_corrupt=cfg.skip_corrupt)
     test_logs = model.evaluate(test, steps=math.ceil(counts["test"] / cfg.batch_size),
@@ -132,7 +135,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         "best_val_MAE": float(handles["early"].best),
         "best_epoch": int(handles["early"].best_epoch) + 1,
         "steps": steps_trained,
-        "final_learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
+        "final_learning_rate": final_learning_rate,
         "samples_per_second": handles["throughput"].samples_per_second or None,
         "train_function_traces": int(traces),
         "history": history,  # per epoch of this process (a resumed run: from the resume on)
