@@ -18,7 +18,12 @@ from msa_xla.models import MODELS
 from msa_xla.options import MODALITIES
 from msa_xla.runtime import compat, storage
 from msa_xla.trainer.callbacks import build_callbacks
-from msa_xla.trainer.checkpointing import RunCheckpoint, sync_from_chief, write_json
+from msa_xla.trainer.checkpointing import (
+    RunCheckpoint,
+    check_identity,
+    sync_from_chief,
+    write_json,
+)
 from msa_xla.trainer.inputs import eval_data, train_data
 from msa_xla.trainer.step import install_split_step, make_optimizer, plan_jit, steps_per_execution_for
 
@@ -63,6 +68,11 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     seed_dir = storage.join(own_dir, f"seed_{seed}")
     if not chief:  # every worker resumes from the chief's state (checkpointing.py)
         sync_from_chief(storage.join(cfg.workdir, f"seed_{seed}"), seed_dir)
+    # Before the finished-seed shortcut: a finished workdir rerun with other flags is refused
+    # too (else results.json would pair the old model's metrics with the new config).
+    identity = {**cfg.checkpoint_identity(), "seed": seed,
+                "dims": [meta["modalities"][m]["dim"] for m in MODALITIES]}
+    check_identity(storage.join(seed_dir, "checkpoints"), identity)
     result_path = storage.join(seed_dir, "result.json")
     if storage.isfile(result_path):
         log(f"seed {seed}: already finished ({result_path})")
@@ -77,8 +87,6 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         f"{plan.description}; {steps_per_execution} step(s) per execution")
 
     # ---- checkpoint ---------------------------------------------------------------------------
-    identity = {**cfg.checkpoint_identity(), "seed": seed,
-                "dims": [meta["modalities"][m]["dim"] for m in MODALITIES]}
     run_checkpoint = RunCheckpoint(storage.join(seed_dir, "checkpoints"), model, identity)
     state = run_checkpoint.restore_latest()
     step = run_checkpoint.step
