@@ -1,16 +1,19 @@
 """Checkpoints: resume after SIGKILL matches an uninterrupted run; SIGTERM saves and exits 143;
 a locked workdir and a checkpoint from another config are refused with one line."""
 import glob
+import json
 import os
 import random
 import re
 import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 import tf_keras as keras
 
+from msa_xla.cli import EXIT_PREEMPTED
 from msa_xla.models import MODELS
 from msa_xla.trainer.checkpointing import (
     CheckpointError,
@@ -21,13 +24,15 @@ from msa_xla.trainer.checkpointing import (
 )
 from tests.train_helpers import (
     TINY,
+    all_ended,
     finish_all,
-    free_ports,
+    main_in_process,
     make_tiny_dataset,
     model_weights,
+    output_of,
     results,
     run_train,
-    start_workers,
+    start_cluster,
 )
 
 # 96 clips / batch 8 = 12 steps per epoch, 3 epochs = 36 steps; dropout on (its RNG state must be
@@ -47,7 +52,7 @@ def _wait_for(pattern, process, timeout=180):
         found = glob.glob(pattern)
         if found:
             return found
-        assert process.poll() is None, process.communicate()[1]
+        assert process.poll() is None, output_of(process)[1]
         time.sleep(0.01)
     raise AssertionError(f"{pattern} did not appear")
 
@@ -71,6 +76,38 @@ def _latest_step(workdir):
 
 # Where checkpoints land in RESUME: every 5 steps and at the epoch ends (12, 24, 36).
 CHECKPOINT_STEPS = sorted({*range(5, 36, 5), 12, 24})
+# --verbose=1: Keras redraws "  7/12 [====>...] - ..." with \b and \r (one line per epoch, as it
+# counts `posix` in sys.modules as a terminal); "Epoch 2/3" starts each epoch.
+PROGRESS = re.compile(r"Epoch (\d+)/3|(\d+)/12 \[")
+
+
+def _follow_stdout(process):
+    """A list that a thread fills with the process's stdout as it comes (raw reads: the progress
+    bar ends no line until the epoch ends)."""
+    chunks = []
+
+    def read():
+        while True:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                return
+            chunks.append(chunk.decode(errors="replace"))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return chunks, thread
+
+
+def _steps_done(chunks):
+    """The last global train step the progress bar showed (a lower bound of the steps done: it
+    redraws at most every 50 ms, after the checkpoint callback of that step), or 0."""
+    epoch, step = 1, 0
+    for match in PROGRESS.finditer("".join(chunks)):
+        if match.group(1):
+            epoch = int(match.group(1))
+        else:
+            step = max(step, (epoch - 1) * 12 + int(match.group(2)))
+    return step
 
 
 @pytest.mark.slow
@@ -79,29 +116,41 @@ def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"]
-    kills = []
+    kills = []  # (steps the killed run had done at least, its last checkpoint)
     for _ in range(3):
         before = _latest_step(workdir)
-        target = rng.choice([s for s in CHECKPOINT_STEPS if s > before][:3])
-        process = run_train(args, wait=False)
+        # One of the next two, at most 30: each kill lands within a step or two of its target
+        # (so at most one checkpoint later), and never near the last epoch end (36).
+        target = rng.choice([s for s in CHECKPOINT_STEPS if before < s <= 30][:2])
+        process = run_train(args + ["--verbose=1"], wait=False)
+        chunks, reader = _follow_stdout(process)
         deadline = time.time() + 180
-        while _latest_step(workdir) < target:
-            assert process.poll() is None, process.communicate()[1]
-            assert time.time() < deadline, f"no checkpoint at step {target}"
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0, 0.04))  # about 0-2 steps on: the kill lands mid-interval
+        # Past the target checkpoint, then until the progress bar shows a step after the newest
+        # checkpoint: the kill then loses the steps since that checkpoint, which the rerun replays.
+        while _latest_step(workdir) < target or _steps_done(chunks) <= _latest_step(workdir):
+            assert process.poll() is None, process.stderr.read()
+            assert time.time() < deadline, f"no progress past step {target}: {chunks[-3:]}"
+            time.sleep(0.003)
+        time.sleep(rng.uniform(0, 0.02))
         assert process.poll() is None, "the run finished before the kill"
         process.send_signal(signal.SIGKILL)
-        out, _ = process.communicate(timeout=30)
+        process.wait(timeout=30)
+        reader.join(timeout=30)
+        process.stdout.close()
+        process.stderr.close()
+        out = "".join(chunks)
         assert process.returncode == -signal.SIGKILL
         resumed = re.search(r"resumed from step (\d+)", out)
         # Each rerun picks up where the previous kill left its last checkpoint.
         assert (int(resumed.group(1)) if resumed else 0) == before, (out, before)
-        kills.append(_latest_step(workdir))
-    assert kills == sorted(kills) and kills[-1] < 36, kills
+        kills.append((_steps_done(chunks), _latest_step(workdir)))
+    saved = [checkpoint for _, checkpoint in kills]
+    assert saved == sorted(saved) and saved[-1] < 36, kills
+    # At least one kill lost steps done after its last checkpoint (the rerun trains them again).
+    assert any(done > checkpoint for done, checkpoint in kills), kills
     code, out, err = run_train(args)
     assert code == 0, err
-    assert f"resumed from step {kills[-1]} " in out, (out, kills)
+    assert f"resumed from step {saved[-1]} " in out, (out, kills)
     resumed = model_weights(os.path.join(workdir, "seed_3", "model.keras"))
     assert results(workdir)["per_seed"][0]["steps"] == 36
     for a, b in zip(resumed, uninterrupted):
@@ -109,19 +158,43 @@ def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(data_dir, tmp_path):
+def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterrupted_weights(
+        data_dir, tmp_path, uninterrupted):
     workdir = str(tmp_path / "run")
-    args = RESUME + ["--epochs=1", f"--data_dir={data_dir}", f"--workdir={workdir}"]
-    process = run_train(args, wait=False)
-    _wait_for(os.path.join(workdir, "seed_3", "checkpoints", "checkpoint"), process)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=60)
-    if process.returncode == 0:
-        pytest.skip("the run finished before SIGTERM arrived")
-    assert process.returncode == 143, err
-    assert "preempted" in out
-    code, _, err = run_train(args)
+    # Without --checkpoint_every only the epoch ends (12, 24, 36) and the SIGTERM save checkpoint.
+    args = RESUME + ["--checkpoint_every=0", f"--data_dir={data_dir}", f"--workdir={workdir}"]
+    process = run_train(args + ["--verbose=2"], wait=False)
+    try:
+        # Keras prints "Epoch 2/3" as epoch 2 begins, after epoch 1's validation and checkpoint
+        # (step 12): the signal reaches epoch 2's steps (or its validation, then epoch 3's first
+        # step), never the last validation.
+        for line in iter(process.stdout.readline, ""):
+            if line.startswith("Epoch 2/3"):
+                break
+        else:
+            raise AssertionError(output_of(process)[1])
+        process.send_signal(signal.SIGTERM)
+        out, err = output_of(process, timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == EXIT_PREEMPTED, err
+    assert "preempted (SIGTERM): checkpoint saved" in out, out
+    signalled = _latest_step(workdir)
+    # The checkpoint the SIGTERM wrote, at the step it stopped: after epoch 1's (12), before the
+    # end (36). A SIGTERM that stopped without saving would leave 12 here.
+    assert 12 < signalled < 36, signalled
+    checkpoints = os.path.join(workdir, "seed_3", "checkpoints")
+    assert os.path.isfile(os.path.join(checkpoints, f"ckpt-{signalled}.index"))
+    with open(os.path.join(checkpoints, f"trainer-{signalled}.json")) as f:
+        assert json.load(f)["step"] == signalled
+    assert not os.path.exists(os.path.join(workdir, "seed_3", "result.json"))
+    code, out, err = run_train(args)
     assert code == 0, err
+    assert f"resumed from step {signalled} " in out, out
+    assert results(workdir)["per_seed"][0]["steps"] == 36
+    for a, b in zip(model_weights(os.path.join(workdir, "seed_3", "model.keras")), uninterrupted):
+        np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
 
 @pytest.mark.slow
@@ -129,19 +202,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resumes(data_dir, tmp_pat
 def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}", "--strategy=multi_worker"]
-    ports = free_ports(2)
-    workers = start_workers(args, ports)
+    checkpoint = os.path.join(workdir, "seed_3", "checkpoints", "checkpoint")
+    workers, ports = start_cluster(args, 2, lambda _: os.path.exists(checkpoint))
     try:
-        _wait_for(os.path.join(workdir, "seed_3", "checkpoints", "checkpoint"), workers[0])
+        _wait_for(checkpoint, workers[0])
         workers[1].send_signal(signal.SIGKILL)  # the non-chief: the chief must notice
         killed_at = time.time()
-        _, err = workers[0].communicate(timeout=120)  # a hang fails here
+        _, err = output_of(workers[0], timeout=120)  # a hang fails here
         noticed_after = time.time() - killed_at
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
-            worker.communicate()
+            output_of(worker)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert workers[0].returncode == 4, err
     assert len(errors) == 1 and "lost contact with another worker" in errors[0], err
@@ -151,8 +224,9 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     saved = _latest_step(workdir)
     assert 0 < saved < 36, saved
 
-    # The same command on both workers (same ports): they resume from the shared checkpoint.
-    workers = start_workers(args, ports)
+    # The same command on both workers (same ports, unless taken meanwhile): they resume from
+    # the shared checkpoint.
+    workers, _ = start_cluster(args, 2, all_ended, ports=ports)
     outputs = finish_all(workers)
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
@@ -234,3 +308,85 @@ def test_sync_from_chief_replaces_a_workers_stale_copy(tmp_path):
     assert (own / "checkpoints" / "checkpoint").read_text() == 'model_checkpoint_path: "ckpt-10"\n'
     assert (own / "best" / "weights.index").read_text() == "best of epoch 2"
     assert not (own / "result.json").exists()
+
+
+# ---- in-process: callback counters across a resume; a mismatched checkpoint through the CLI ----
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "small", sizes=(16, 8, 8))
+
+
+@pytest.fixture
+def _legacy_rng_after():
+    yield
+    keras.backend.experimental.disable_tf_random_generator()  # run() enables it process-wide
+
+
+class _ScriptedMonitor(keras.callbacks.Callback):
+    """Sets each epoch's val_MAE from a script (first in the list: every callback after it sees
+    the scripted value); optionally sends this process a SIGTERM at the end of one epoch."""
+
+    def __init__(self, values, sigterm_after_epoch=None):
+        super().__init__()
+        self.values, self.sigterm_after_epoch = values, sigterm_after_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_MAE"] = self.values[epoch]
+        if epoch == self.sigterm_after_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: save, stop, exit 143
+
+
+def _script_the_monitor(monkeypatch, values, sigterm_after_epoch=None):
+    from msa_xla.trainer import callbacks, loop
+
+    def build(*args, **kwargs):
+        built, handles = callbacks.build_callbacks(*args, **kwargs)
+        return [_ScriptedMonitor(values, sigterm_after_epoch), *built], handles
+
+    monkeypatch.setattr(loop, "build_callbacks", build)
+
+
+@pytest.mark.slow
+def test_early_stopping_and_plateau_counters_survive_a_resume(small_data, tmp_path, monkeypatch,
+                                                             _legacy_rng_after):
+    from msa_xla.trainer.config import TrainConfig
+    from msa_xla.trainer.main import run
+
+    # 2 steps an epoch. val_MAE 1.0 at epoch 1, then 2.0 (never better): uninterrupted, the
+    # plateau (patience 3) halves the LR at epoch 4 and early stopping (patience 4) ends the run
+    # after epoch 5 = 10 steps. Preempted after epoch 3 (waits 2 and 2) and resumed, the same
+    # must happen. Counters restarted from 0 (best = inf) would take 2.0 as a new best at epoch
+    # 4, keep the LR and stop 3 epochs later.
+    cfg = dict(data_dir=small_data, workdir=str(tmp_path / "run"), model_dim=16, num_heads=2,
+               ff_dim=32, n_layers_mod=1, n_layers_fuse=1, batch_size=8, learning_rate=4e-3,
+               epochs=20, verbose=0, checkpoint_every=0, seeds=(1,), early_stopping_patience=4,
+               lr_plateau_patience=3, lr_plateau_factor=0.5)
+    script = [1.0] + [2.0] * 19
+    _script_the_monitor(monkeypatch, script, sigterm_after_epoch=2)
+    assert run(TrainConfig(**cfg)) == EXIT_PREEMPTED
+    checkpoints = tmp_path / "run" / "seed_1" / "checkpoints"
+    state = json.loads((checkpoints / "trainer-7.json").read_text())  # 3 epochs + 1 step
+    assert state["callbacks"]["early_stopping"] == {"best": 1.0, "best_epoch": 0, "wait": 2}
+    assert state["callbacks"]["plateau"]["wait"] == 2 and state["callbacks"]["plateau"]["best"] == 1.0
+
+    _script_the_monitor(monkeypatch, script)
+    assert run(TrainConfig(**cfg)) == 0
+    seed = results(tmp_path / "run")["per_seed"][0]
+    assert seed["steps"] == 10, seed  # stopped after epoch 5
+    assert seed["history"]["val_MAE"] == [2.0, 2.0]  # epochs 4 and 5, from the resume on
+    assert seed["final_learning_rate"] == pytest.approx(2e-3)  # halved once, at epoch 4
+    assert seed["best_epoch"] == 1 and seed["best_val_MAE"] == 1.0
+
+
+@pytest.mark.slow
+def test_rerun_with_another_model_dim_is_refused_through_the_cli(small_data, tmp_path, capsys,
+                                                                _legacy_rng_after):
+    args = TINY + [f"--data_dir={small_data}", f"--workdir={tmp_path / 'run'}", "--epochs=1",
+                   "--seeds=1"]
+    code, _, err = main_in_process(args, capsys)
+    assert code == 0, err
+    code, out, err = main_in_process(args + ["--model_dim=32"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and "model_dim: expected 32, found 16" in lines[0], err
+    assert "Traceback" not in err

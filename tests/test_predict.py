@@ -1,14 +1,22 @@
-"""predict.py: a CSV with every clip's id, prediction and label, in source order."""
+"""predict.py: a CSV with every clip's id, prediction and label, in source order; the trainer's
+test and validation metrics equal a recomputation over every clip of the split (neither split
+divides by the batch, so the zero-weight padding of the last evaluation batch runs)."""
 import csv
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from msa_xla.data import make_dataset, synthetic
+from msa_xla.metrics import METRIC_KEYS, msa_metrics
 from msa_xla.trainer.config import TrainConfig
-from tests.train_helpers import make_tiny_dataset
+from tests.train_helpers import DIMS, SEQ_LEN, make_tiny_dataset
 
-pytestmark = pytest.mark.slow  # trains through the trainer, then runs predict as a process
+pytestmark = pytest.mark.slow  # trains through the trainer
+
+SIZES = (32, 11, 13)  # train / valid / test; batch 8: the last valid and test batches are padded
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +25,7 @@ def trained(tmp_path_factory):
 
     from msa_xla.trainer.main import run
 
-    data_dir = make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=(32, 8, 13))
+    data_dir = make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=SIZES)
     workdir = tmp_path_factory.mktemp("run") / "run"
     cfg = TrainConfig(data_dir=data_dir, workdir=str(workdir), model="msa", model_dim=16,
                       num_heads=2, ff_dim=32, n_layers_mod=1, n_layers_fuse=1, batch_size=8,
@@ -29,17 +37,54 @@ def trained(tmp_path_factory):
     return data_dir, workdir
 
 
-def test_predict_writes_every_test_clip(trained, tmp_path):
+def _labels(split):
+    """The split's labels as the synthetic generator made them (not read back by msa_xla)."""
+    made = synthetic.generate(SIZES, seq_len=SEQ_LEN, dims=DIMS, seed=5)[split]
+    return np.asarray(made.labels, np.float32).reshape(-1)
+
+
+def _saved_model_predictions(model_path, data_dir, split):
+    """Keras' own predict loop over every clip of the split (batches of 8, the last partial)."""
+    import tf_keras as keras
+
+    import msa_xla.models  # noqa: F401  (registers the classes)
+
+    model = keras.models.load_model(str(model_path))
+    dataset = make_dataset(data_dir, split, 8, shuffle=False, drop_remainder=False)
+    return model.predict(dataset, verbose=0).reshape(-1)
+
+
+def test_results_json_metrics_equal_a_recomputation_over_every_test_clip(trained):
+    data_dir, workdir = trained
+    res = json.loads((workdir / "results.json").read_text())
+    seed = res["per_seed"][0]
+    labels = _labels("test")
+    preds = _saved_model_predictions(seed["model_path"], data_dir, "test")
+    assert len(labels) == len(preds) == res["data_metadata"]["splits"]["test"]["count"] == 13
+    expected = msa_metrics(labels, preds)
+    assert set(seed["test"]) == set(METRIC_KEYS)
+    for key in METRIC_KEYS:  # 13 clips: one clip more or less moves an accuracy by >= 1/16
+        assert seed["test"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    # One epoch: the best validation epoch is the saved model; 11 clips, 5 of padding.
+    valid = _saved_model_predictions(seed["model_path"], data_dir, "valid")
+    assert len(valid) == 11
+    assert seed["best_val_MAE"] == pytest.approx(
+        float(np.mean(np.abs(valid - _labels("valid")))), rel=1e-5)
+
+
+def test_predict_csv_is_the_saved_models_predictions_and_the_labels_row_for_row(trained,
+                                                                              tmp_path):
+    from msa_xla import predict
+
     data_dir, workdir = trained
     output = tmp_path / "pred.csv"
-    done = subprocess.run([sys.executable, "-m", "msa_xla.predict", f"--model_dir={workdir}",
-                           f"--data_dir={data_dir}", "--split=test", f"--output={output}"],
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr
+    # batch 4: 13 clips end in a batch of 1, which must be predicted and kept
+    assert predict.run(str(workdir), data_dir, "test", str(output), batch_size=4) == 0
     rows = list(csv.DictReader(output.open()))
-    assert len(rows) == 13  # 13 clips: the last partial batch is predicted too
     assert [r["id"] for r in rows] == [f"synthtest_{i:05d}" for i in range(13)]
-    assert all(abs(float(r["prediction"])) < 10 for r in rows)
+    expected = _saved_model_predictions(workdir / "best_model.keras", data_dir, "test")
+    np.testing.assert_allclose([float(r["prediction"]) for r in rows], expected, atol=2e-6)
+    np.testing.assert_allclose([float(r["label"]) for r in rows], _labels("test"), atol=1e-6)
 
 
 def test_predict_missing_model_is_one_line_exit_2(tmp_path):

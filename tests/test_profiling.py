@@ -426,3 +426,34 @@ def test_profiling_asks_xla_for_thunk_events_once():
     assert not profiling.enable_xla_trace_events(kept)
     assert kept["XLA_FLAGS"] == "--xla_cpu_enable_xprof_traceme=false"
     assert profiling.XLA_TRACEME_FLAG == profile_report.XLA_TRACEME_FLAG
+def _accepts_tcp(port):
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_profiler_port_starts_a_server_that_accepts_connections(tmp_path, capsys):
+    # In this process (one short run): the server is never stopped, so it keeps its port until
+    # the test process ends; no other test starts one here.
+    import tf_keras as keras
+
+    from msa_xla.trainer.config import TrainConfig
+    from msa_xla.trainer.main import run
+    from tests.train_helpers import free_ports
+
+    assert profiling._server_port is None, "a profiler server already runs in this process"
+    port = free_ports(1)[0]
+    assert not _accepts_tcp(port)
+    data_dir = make_tiny_dataset(tmp_path / "data", sizes=(16, 8, 8))
+    cfg = TrainConfig(data_dir=data_dir, workdir=str(tmp_path / "run"), model_dim=16,
+                      num_heads=2, ff_dim=32, n_layers_mod=1, n_layers_fuse=1, batch_size=8,
+                      epochs=1, verbose=0, checkpoint_every=0, profiler_port=port)
+    try:
+        assert run(cfg) == 0
+    finally:
+        keras.backend.experimental.disable_tf_random_generator()
+    assert f"profiler server on port {port}" in capsys.readouterr().out
+    assert _accepts_tcp(port)

@@ -11,13 +11,14 @@ from msa_xla.metrics import METRIC_KEYS
 from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import (
     TINY,
+    all_ended,
     finish_all,
-    free_ports,
+    main_in_process,
     make_tiny_dataset,
     model_weights,
     results,
     run_train,
-    start_workers,
+    start_cluster,
 )
 
 
@@ -138,8 +139,8 @@ def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_we
 @pytest.mark.multiworker
 def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
-    processes = start_workers(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
-                                       "--strategy=multi_worker"], free_ports(2))
+    processes, _ = start_cluster(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
+                                          "--strategy=multi_worker"], 2, all_ended)
     outputs = finish_all(processes)
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err
@@ -149,21 +150,6 @@ def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_r
 
 
 # ---- bad flags: one line, exit code 2 -----------------------------------------------------------
-def _main_in_process(argv, capsys):
-    """`python -m msa_xla.train ARGV` in this process, as entry_point runs it (the same flag
-    parser, then main): (exit code, stderr). The flags are reset afterwards."""
-    from msa_xla.cli import absl_flags_parser
-    from msa_xla.trainer.main import FLAGS, main
-
-    try:
-        code = main(absl_flags_parser(FLAGS)(["msa_xla.train", *argv]))
-    except SystemExit as stop:  # a flag absl itself rejects
-        code = stop.code
-    finally:
-        FLAGS.unparse_flags()
-    return code, capsys.readouterr().err
-
-
 BAD_FLAGS = {
     "model": (["--model=transformer"], "model"),
     "batch": (["--batch_size=7", "--strategy=mirrored", "--cpu_replicas=2"], "not divisible"),
@@ -178,8 +164,8 @@ def test_bad_flags_end_with_one_line_and_exit_code_2(data_dir, tmp_path, capsys,
     args, words = BAD_FLAGS[case]
     # The tiny dataset unless the case names its own (later flags win): the model-dim case
     # fails when the model is built, after the data's metadata is read.
-    code, err = _main_in_process([f"--data_dir={data_dir}", *args,
-                                  f"--workdir={tmp_path / 'run'}"], capsys)
+    code, _, err = main_in_process([f"--data_dir={data_dir}", *args,
+                                    f"--workdir={tmp_path / 'run'}"], capsys)
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2, err
     assert len(lines) == 1 and words in lines[0], err
@@ -226,3 +212,40 @@ def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path
     assert {s: res["data_metadata"]["splits"][s]["count"] for s in ("train", "valid", "test")} == \
         {"train": 63, "valid": 16, "test": 16}
     assert len(res["per_seed"][0]["history"]["val_MAE"]) == 2  # validated after every epoch
+
+
+# ---- --clipnorm -----------------------------------------------------------------------------------
+def _adam_steps(optimizer, gradients):
+    import tensorflow as tf
+
+    variable = tf.Variable([1.0, -1.0])
+    for gradient in gradients:
+        optimizer.apply_gradients([(tf.constant(gradient), variable)])
+    return variable.numpy()
+
+
+def test_clipnorm_flag_reaches_the_optimizer_and_clips_each_gradient(data_dir):
+    from msa_xla.cli import absl_flags_parser
+    from msa_xla.data import load_metadata
+    from msa_xla.runtime.distribute import get_strategy
+    from msa_xla.trainer.loop import _build_model
+    from msa_xla.trainer.main import FLAGS
+    from msa_xla.trainer.step import make_optimizer
+
+    try:
+        absl_flags_parser(FLAGS)(["msa_xla.train", "--clipnorm=0.5"])
+        cfg = TrainConfig.from_flags(FLAGS)
+    finally:
+        FLAGS.unparse_flags()
+    cfg.data_dir, cfg.model_dim, cfg.ff_dim, cfg.n_layers_mod = data_dir, 16, 32, 1
+    model, _, _ = _build_model(cfg, load_metadata(data_dir), get_strategy("cpu", None), seed=1)
+    assert model.optimizer.clipnorm == 0.5
+
+    # Adam's first step is ~lr * sign(g) whatever |g|, so one step cannot show clipping; two can:
+    # a huge first gradient dominates the moments unless it was clipped to norm 1 first.
+    huge, small = [3000.0, 4000.0], [0.3, -0.4]  # norms 5000 and 0.5
+    clipped = _adam_steps(make_optimizer(0.1, 1.0), [huge, small])
+    by_hand = _adam_steps(make_optimizer(0.1, 0.0), [[0.6, 0.8], small])  # huge / 5000; small < 1
+    unclipped = _adam_steps(make_optimizer(0.1, 0.0), [huge, small])
+    np.testing.assert_allclose(clipped, by_hand, rtol=1e-6)
+    assert np.max(np.abs(clipped - unclipped)) > 1e-2, (clipped, unclipped)

@@ -5,6 +5,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -75,6 +76,22 @@ def free_ports(count):
             s.close()
 
 
+def main_in_process(argv, capsys):
+    """`python -m msa_xla.train ARGV` in this process, as entry_point runs it (the same flag
+    parser, then main): (exit code, stdout, stderr). The flags are reset afterwards."""
+    from msa_xla.cli import absl_flags_parser
+    from msa_xla.trainer.main import FLAGS, main
+
+    try:
+        code = main(absl_flags_parser(FLAGS)(["msa_xla.train", *argv]))
+    except SystemExit as stop:  # a flag absl itself rejects
+        code = stop.code
+    finally:
+        FLAGS.unparse_flags()
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def model_weights(path):
     """Flat list of the weights of a saved .keras model."""
     import tf_keras as keras
@@ -96,11 +113,66 @@ def start_workers(args, ports):
         {"cluster": cluster, "task": {"type": "worker", "index": i}})}) for i in range(len(ports))]
 
 
+# What a worker prints when its gRPC server cannot bind its port (measured on TF 2.21: it exits 1
+# about 20 s after the start, when TensorFlow initialises; the other workers wait for it).
+BIND_FAILED = ("Could not start gRPC server", "Failed to add port to server")
+
+
+def output_of(process, timeout=240):
+    """(stdout, stderr) of a process, read once (to its end) and kept on it for later calls."""
+    if not hasattr(process, "output"):
+        process.output = process.communicate(timeout=timeout)
+    return process.output
+
+
+def _kill_all(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        output_of(process)
+
+
+def start_cluster(args, count, ready, *, ports=None, timeout=240, attempts=3):
+    """Starts a `count`-worker cluster and waits until `ready(processes)` holds or a worker fails;
+    returns (processes, ports). The first attempt uses `ports` if given.
+
+    free_ports releases its ports before the workers bind them (seconds later, once TensorFlow
+    starts): if another process takes one in between, that worker ends with BIND_FAILED and its
+    peers wait for it forever. The whole cluster is then killed and started again on new ports.
+    Any other failure returns at once, for the caller's assertions to report (output_of)."""
+    for _ in range(attempts):
+        ports = list(ports or free_ports(count))
+        processes = start_workers(args, ports)
+        deadline = time.time() + timeout
+        try:
+            while not ready(processes):
+                if any(p.poll() not in (None, 0) for p in processes):
+                    break
+                assert time.time() < deadline, "the cluster never became ready"
+                time.sleep(0.05)
+            else:
+                return processes, ports
+        except BaseException:
+            _kill_all(processes)
+            raise
+        failed = [p for p in processes if p.poll() not in (None, 0)]
+        if not any(line in output_of(p)[1] for p in failed for line in BIND_FAILED):
+            return processes, ports
+        _kill_all(processes)
+        ports = None  # taken by someone else: draw new ones
+    raise AssertionError(f"no cluster could bind its ports in {attempts} attempts")
+
+
+def all_ended(processes):
+    return all(process.poll() is not None for process in processes)
+
+
 def finish_all(processes, timeout=240):
     """[(stdout, stderr)] of every process; any still running at the end is killed."""
     try:
-        return [process.communicate(timeout=timeout) for process in processes]
+        return [output_of(process, timeout) for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
+                output_of(process)

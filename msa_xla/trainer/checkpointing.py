@@ -143,17 +143,7 @@ class RunCheckpoint:
 
     def check_identity(self):
         """Refuses a checkpoint folder written by another model/config: expected vs found."""
-        path = storage.join(self.directory, "identity.json")
-        if not storage.isfile(path):
-            return
-        found = storage.read_json(path)
-        diffs = [f"{key}: expected {self.identity.get(key)!r}, found {found.get(key)!r}"
-                 for key in sorted(set(found) | set(self.identity))
-                 if found.get(key) != self.identity.get(key)]
-        if diffs:
-            raise CheckpointError(
-                f"checkpoint in {self.directory} is from a different model/config ("
-                + "; ".join(diffs) + "); pass another --workdir or the same flags")
+        check_identity(self.directory, self.identity)
 
     def restore_latest(self) -> dict | None:
         """Restores the newest checkpoint; returns its trainer state, or None for a fresh run."""
@@ -179,6 +169,22 @@ class RunCheckpoint:
             if int(stale.rsplit("-", 1)[1].split(".")[0]) not in kept:
                 storage.remove(stale)
         return path
+
+
+def check_identity(directory: str, identity: dict) -> None:
+    """Raises CheckpointError (one line, expected vs found) if the checkpoint folder `directory`
+    was written under another identity; a folder without identity.json passes."""
+    path = storage.join(directory, "identity.json")
+    if not storage.isfile(path):
+        return
+    found = storage.read_json(path)
+    diffs = [f"{key}: expected {identity.get(key)!r}, found {found.get(key)!r}"
+             for key in sorted(set(found) | set(identity))
+             if found.get(key) != identity.get(key)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint in {directory} is from a different model/config ("
+            + "; ".join(diffs) + "); pass another --workdir or the same flags")
 
 
 def write_json(path, value):

@@ -18,7 +18,12 @@ from msa_xla.models import MODELS
 from msa_xla.options import MODALITIES
 from msa_xla.runtime import compat, storage
 from msa_xla.trainer.callbacks import build_callbacks
-from msa_xla.trainer.checkpointing import RunCheckpoint, sync_from_chief, write_json
+from msa_xla.trainer.checkpointing import (
+    RunCheckpoint,
+    check_identity,
+    sync_from_chief,
+    write_json,
+)
 from msa_xla.trainer.inputs import eval_data, train_data
 from msa_xla.trainer.step import install_split_step, make_optimizer, plan_jit, steps_per_execution_for
 
@@ -63,6 +68,11 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     seed_dir = storage.join(own_dir, f"seed_{seed}")
     if not chief:  # every worker resumes from the chief's state (checkpointing.py)
         sync_from_chief(storage.join(cfg.workdir, f"seed_{seed}"), seed_dir)
+    # Before the finished-seed shortcut: a finished workdir rerun with other flags is refused
+    # too (else results.json would pair the old model's metrics with the new config).
+    identity = {**cfg.checkpoint_identity(), "seed": seed,
+                "dims": [meta["modalities"][m]["dim"] for m in MODALITIES]}
+    check_identity(storage.join(seed_dir, "checkpoints"), identity)
     result_path = storage.join(seed_dir, "result.json")
     if storage.isfile(result_path):
         log(f"seed {seed}: already finished ({result_path})")
@@ -77,8 +87,6 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         f"{plan.description}; {steps_per_execution} step(s) per execution")
 
     # ---- checkpoint ---------------------------------------------------------------------------
-    identity = {**cfg.checkpoint_identity(), "seed": seed,
-                "dims": [meta["modalities"][m]["dim"] for m in MODALITIES]}
     run_checkpoint = RunCheckpoint(storage.join(seed_dir, "checkpoints"), model, identity)
     state = run_checkpoint.restore_latest()
     step = run_checkpoint.step
@@ -119,7 +127,10 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
 
     # ---- eval ---------------------------------------------------------------------------------
     steps_trained = int(model.optimizer.iterations.numpy())
-    handles["early"].restore_best()  # (the best epoch's weights carry its optimizer state too)
+    # Read before restore_best: the best epoch's weights carry its optimizer state too, LR
+    # included, which would hide every plateau reduction made after the best epoch.
+    final_learning_rate = float(keras.backend.get_value(model.optimizer.learning_rate))
+    handles["early"].restore_best()
     test = eval_data(cfg.data_dir, "test", cfg.batch_size, strategy, text_input=cfg.text_input,
                       skip_corrupt=cfg.skip_corrupt)
     test_logs = model.evaluate(test, steps=math.ceil(counts["test"] / cfg.batch_size),
@@ -132,7 +143,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
         "best_val_MAE": float(handles["early"].best),
         "best_epoch": int(handles["early"].best_epoch) + 1,
         "steps": steps_trained,
-        "final_learning_rate": float(keras.backend.get_value(model.optimizer.learning_rate)),
+        "final_learning_rate": final_learning_rate,
         "samples_per_second": handles["throughput"].samples_per_second or None,
         "train_function_traces": int(traces),
         "history": history,  # per epoch of this process (a resumed run: from the resume on)
