@@ -426,6 +426,8 @@ def test_profiling_asks_xla_for_thunk_events_once():
     assert not profiling.enable_xla_trace_events(kept)
     assert kept["XLA_FLAGS"] == "--xla_cpu_enable_xprof_traceme=false"
     assert profiling.XLA_TRACEME_FLAG == profile_report.XLA_TRACEME_FLAG
+
+
 def _accepts_tcp(port):
     import socket
 
