@@ -56,8 +56,9 @@ def gpu_like_mirrored_strategy():
 
 # ---- 1: mixed precision under MirroredStrategy, through the trainer -------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("model, policy", [("seqlevel", "mixed_bfloat16"),
-                                           ("seqlevel", "mixed_float16"),
+# Each policy once: float16 with loss scaling on the default step, bfloat16 on the balanced
+# model's own step (its compute_gradients in the split step).
+@pytest.mark.parametrize("model, policy", [("seqlevel", "mixed_float16"),
                                            ("balanced", "mixed_bfloat16")])
 def test_mirrored_two_cpus_with_mixed_precision_trains_and_writes_results(token_data, tmp_path,
                                                                           model, policy):

@@ -360,7 +360,8 @@ def test_early_stopping_and_plateau_counters_survive_a_resume(small_data, tmp_pa
     cfg = dict(data_dir=small_data, workdir=str(tmp_path / "run"), model_dim=16, num_heads=2,
                ff_dim=32, n_layers_mod=1, n_layers_fuse=1, batch_size=8, learning_rate=4e-3,
                epochs=20, verbose=0, checkpoint_every=0, seeds=(1,), early_stopping_patience=4,
-               lr_plateau_patience=3, lr_plateau_factor=0.5)
+               lr_plateau_patience=3, lr_plateau_factor=0.5,
+               jit_compile="false")  # the callbacks' state is under test, not XLA: no compile
     script = [1.0] + [2.0] * 19
     _script_the_monitor(monkeypatch, script, sigterm_after_epoch=2)
     assert run(TrainConfig(**cfg)) == EXIT_PREEMPTED

@@ -115,7 +115,10 @@ def test_save_and_load_keras_and_savedmodel(name, tmp_path):
     np.testing.assert_allclose(restored(inputs, training=False), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", BY_COST)
+# The default model here; every other model trains under jit_compile (the whole step is one XLA
+# computation on one CPU replica) through the trainer: test_train's
+# test_each_model_learns_and_writes_complete_results and test_mult's trainer test.
+@pytest.mark.parametrize("name", ["seqlevel"])
 def test_fit_with_jit_compile_learns_to_half_the_constant_predictors_error(name):
     inputs = padded_inputs(batch=16)
     targets = learnable_targets(inputs)

@@ -39,7 +39,9 @@ def _train(cfg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["seqlevel", "balanced"])  # balanced: its own train_step
+# The balanced model: its own train_step (OGM-GE) under steps_per_execution; the default step's
+# batch hooks per execution are checked below (one host read, mid-epoch checkpoints).
+@pytest.mark.parametrize("model", ["balanced"])
 def test_four_steps_per_execution_give_the_same_weights_as_one(data_dir, tmp_path, model):
     one = _train(tiny_config(data_dir, tmp_path / "one", model=model, steps_per_execution=1))
     four = _train(tiny_config(data_dir, tmp_path / "four", model=model, steps_per_execution=4))
