@@ -111,6 +111,7 @@ def _steps_done(chunks):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
 def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
         data_dir, tmp_path, uninterrupted):
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
@@ -158,6 +159,7 @@ def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
 def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterrupted_weights(
         data_dir, tmp_path, uninterrupted):
     workdir = str(tmp_path / "run")

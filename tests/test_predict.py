@@ -14,7 +14,8 @@ from msa_xla.metrics import METRIC_KEYS, msa_metrics
 from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import DIMS, SEQ_LEN, make_tiny_dataset
 
-pytestmark = pytest.mark.slow  # trains through the trainer
+# Trains through the trainer; one worker trains the module fixture once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("predict")]
 
 SIZES = (32, 11, 13)  # train / valid / test; batch 8: the last valid and test batches are padded
 

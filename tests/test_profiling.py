@@ -136,6 +136,7 @@ def test_worker_activity_sums_task_regions_over_the_capture(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("profiled_run")  # shares one module fixture
 def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
     _, folder = profiled_run
     paths = profile_report.find_xplanes(str(folder))
@@ -143,6 +144,7 @@ def test_training_run_leaves_a_profile_in_profiles_run_name(profiled_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("profiled_run")  # shares one module fixture
 def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
     _, folder = profiled_run
     report = profile_report.profile_report(str(folder), top=10)
@@ -175,6 +177,7 @@ def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("profiled_run")  # shares one module fixture
 def test_report_cli_prints_table_and_writes_json(profiled_run, tmp_path):
     cwd, folder = profiled_run
     out = tmp_path / "report.json"
@@ -197,6 +200,7 @@ def _load_tool(name):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("profiled_run")  # shares one module fixture
 def test_tensorboard_lists_the_capture_and_its_profile_tools(profiled_run):
     """`tensorboard --logdir profiles` as a user starts it: its profile plugin's HTTP API
     (/data/plugin/profile/runs, /run_tools) returns this capture and its tools."""

@@ -127,6 +127,7 @@ def _assert_same_weights(actual, expected):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("one_replica_weights")  # shares one module fixture
 def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
     code, _, err = run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
@@ -139,6 +140,7 @@ def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_we
 
 @pytest.mark.slow
 @pytest.mark.multiworker
+@pytest.mark.xdist_group("one_replica_weights")  # shares one module fixture
 def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
     workdir = tmp_path / "run"
     processes, _ = start_cluster(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
