@@ -155,8 +155,8 @@ def test_report_gives_step_time_input_share_and_attention_ops(profiled_run):
     assert 0 <= report["input_wait_percent"] <= 100
     assert report["compile_time_ms"] >= 0 and report["notes"] == []
     assert report["xla_thunks"] is None  # no XLA in this run
-    names = [op["name"] for op in report["top_ops"]]
-    assert any("/attention/" in name for name in names), names
+    # (Whether an attention op is among the 10 slowest depends on the load: with a second test
+    # process on the 2 cores the input pipeline's ops filled the top 10. Every op is checked below.)
     assert all(0 <= op["share_percent"] <= 100 and op["self_time_ms"] >= 0
                for op in report["top_ops"])
     # The named scopes make each part attributable: the attention core inside an encoder
@@ -185,8 +185,10 @@ def test_report_cli_prints_table_and_writes_json(profiled_run, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "step time" in done.stdout and "input wait" in done.stdout
-    assert "/attention/" in done.stdout
     report = json.loads(out.read_text())
+    # The model's scopes reach the terminal in the step-by-part table (the top-10 op list may be
+    # the input pipeline's under load).
+    assert "text_encoder" in done.stdout and "fusion/text_from_audio" in done.stdout
     assert report["step_time_ms"]["mean"] > 0 and len(report["top_ops"]) == 10
     assert "step by model part" in done.stdout and "attention core" in done.stdout
     assert report["model_parts"]["parts"] and report["model_parts"]["kinds"]
