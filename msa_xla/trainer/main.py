@@ -90,7 +90,7 @@ flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
                      "ends and on SIGTERM).")
 flags.DEFINE_integer("verbose", _D.verbose, "Keras verbosity: 1 progress bar, 2 one line per "
                      "epoch, 0 silent; -1 = 1 on a terminal else 2.")
-flags.DEFINE_list("profile_steps", [], "A,B: profile train steps A..B (needs msa_xla.profiling.capture).")
+flags.DEFINE_list("profile_steps", [], "A,B: profile train steps A..B (steps count from 0).")
 flags.DEFINE_string("profile_dir", None, "Where profiles go (default profiles/<run name>, the "
                     "run name being the last part of --workdir).")
 flags.DEFINE_integer("profiler_port", 0, "Start a profiler server on this port (0 = off).")
@@ -117,7 +117,7 @@ def _setup_cpu_devices(count: int) -> None:
                 cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
         except RuntimeError:  # "Virtual devices cannot be modified after being initialized"
             raise UserError(f"--cpu_replicas={count}: TensorFlow already started in this "
-                             "process with other CPU devices") from None
+                            "process with other CPU devices") from None
 
 
 def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
