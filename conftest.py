@@ -1,6 +1,26 @@
 """Shared by the tests and the docstring examples (`--doctest-modules` on msa_xla)."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+# One XLA compilation cache for the whole test session: the pytest workers and every trainer
+# process they start compile the same tiny models again and again (the 3 SIGKILLed runs of one
+# config and their resume, N-replica runs against 1-replica ones). TensorFlow keys an entry by
+# the HLO module and checks the stored HLO equals the new one before it loads the executable,
+# and writes each entry to a temporary file it then renames, so concurrent processes are safe.
+# The folder is new for each session (a clean clone compiles everything once) and is removed
+# at its end. Set before TensorFlow is imported: its flags are read once.
+_CACHE_VARIABLE = "MSA_XLA_TEST_XLA_CACHE"
+if _CACHE_VARIABLE not in os.environ:  # the session's first process (the xdist controller)
+    os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="msa_xla-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ[_CACHE_VARIABLE], ignore_errors=True)
+    os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("TF_XLA_FLAGS"),
+        f"--tf_xla_persistent_cache_directory={os.environ[_CACHE_VARIABLE]}"]))
 
 
 @pytest.fixture(autouse=True)

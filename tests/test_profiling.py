@@ -18,7 +18,7 @@ import pytest
 
 from msa_xla.profiling import capture as profiling
 from msa_xla.profiling import report as profile_report
-from tests.train_helpers import TINY, make_tiny_dataset
+from tests.train_helpers import TINY, make_tiny_dataset, without_xla_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_CLI = os.path.join(ROOT, "tools", "profile_report.py")
@@ -33,7 +33,7 @@ def _profiled_run(cwd, *flags):
                f"--workdir={cwd / 'runs' / RUN_NAME}", "--epochs=1", "--profile_steps=2,4",
                "--checkpoint_every=0", *flags]
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                          env=without_xla_cache({**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "profiled train steps 2..4" in done.stdout, done.stdout[-2000:]
     return cwd, cwd / "profiles" / RUN_NAME

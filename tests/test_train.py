@@ -5,9 +5,11 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.metrics import METRIC_KEYS
+from msa_xla.models.serving import INPUT_NAMES
 from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import (
     TINY,
@@ -19,6 +21,7 @@ from tests.train_helpers import (
     results,
     run_train,
     start_cluster,
+    without_xla_cache,
 )
 
 
@@ -56,9 +59,16 @@ def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model
     assert res["config"]["model"] == model and res["data_metadata"]["splits"]["test"]["count"] == 24
     assert res["samples_per_second"] > 0 and res["hardware"]["tensorflow"]
     assert res["strategy"] == "OneDeviceStrategy" and res["jit"] == "whole_step"
-    assert os.path.isfile(res["best_model"]["keras"])
-    assert os.path.isfile(os.path.join(res["best_model"]["savedmodel"], "saved_model.pb"))
     assert os.path.isdir(tmp_path / "run" / "seed_1111" / "tensorboard" / "train")
+    # The SavedModel's serving signature predicts what the .keras model predicts.
+    best = keras.models.load_model(res["best_model"]["keras"])
+    inputs = best.example_inputs(3)
+    rng = np.random.default_rng(0)
+    inputs = tuple(tf.constant(rng.normal(size=x.shape), x.dtype) if x.dtype.is_floating else x
+                   for x in inputs[:3]) + (tf.sequence_mask([8, 5, 1], 8),) + inputs[4:]
+    serve = tf.saved_model.load(res["best_model"]["savedmodel"]).signatures["serving_default"]
+    served = serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"]
+    np.testing.assert_allclose(served, best(inputs, training=False), rtol=1e-5, atol=1e-6)
 
 
 def _xla_modules(dump_dir, name):
@@ -77,7 +87,9 @@ def test_train_step_traced_and_xla_compiled_once_over_two_epochs_with_validation
     code, _, err = run_train(
         TINY + [f"--data_dir={data_dir}", f"--workdir={tmp_path / 'run'}", "--epochs=2",
                 "--checkpoint_every=0", "--dropout_rate=0.1"],
-        env={"XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*run_step.*"})
+        # Without the session's compilation cache: an executable loaded from it is not dumped.
+        env=without_xla_cache({**os.environ, "XLA_FLAGS":
+                               f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*run_step.*"}))
     assert code == 0, err
     # Keras names both the train and the eval step `run_step`: one compilation each, for
     # 16 train steps, 2 validations and the test evaluation (padded batches keep shapes static).

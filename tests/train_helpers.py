@@ -25,6 +25,15 @@ def make_tiny_dataset(folder, sizes=SIZES, tokenize=False):
     return str(folder)
 
 
+def without_xla_cache(env):
+    """`env` without the session's XLA compilation cache (conftest.py). For a profiled run: it
+    asks XLA for per-thunk trace events through XLA_FLAGS, which the cache's key does not
+    include, so a cached executable compiled without them would be loaded silently."""
+    flags = env.get("TF_XLA_FLAGS", "").split()
+    kept = [f for f in flags if not f.startswith("--tf_xla_persistent_cache_directory")]
+    return {**env, "TF_XLA_FLAGS": " ".join(kept)}
+
+
 def run_train(args, *, timeout=240, env=None, wait=True):
     """`python -m msa_xla.train ARGS` in a fresh process (its own TF and devices)."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}

@@ -15,6 +15,7 @@ import tf_keras as keras
 
 from msa_xla.metrics import MSAMetrics
 from msa_xla.models import MODELS
+from msa_xla.models.serving import export_for_serving
 from msa_xla.options import MODALITIES
 from msa_xla.runtime import compat, storage
 from msa_xla.trainer.callbacks import build_callbacks
@@ -160,11 +161,12 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
 
 
 def export_best_model(per_seed, workdir):
-    """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel."""
+    """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel for serving
+    (msa_xla/models/serving.py)."""
     best = min(per_seed, key=lambda run: run["best_val_MAE"])
     model = keras.models.load_model(best["model_path"])
     paths = {"seed": best["seed"], "keras": storage.join(workdir, "best_model.keras"),
              "savedmodel": storage.join(workdir, "best_model_savedmodel")}
     model.save(paths["keras"])
-    model.save(paths["savedmodel"], save_format="tf")
+    export_for_serving(model, paths["savedmodel"])
     return paths
