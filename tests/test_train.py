@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.data.integrity import CorruptRecordsWarning
 from msa_xla.metrics import METRIC_KEYS
 from msa_xla.models.serving import INPUT_NAMES
 from msa_xla.trainer.config import TrainConfig
@@ -123,12 +124,20 @@ ATOL = 1e-4
 EQUIV = TINY + ["--epochs=2", "--dropout_rate=0", "--checkpoint_every=0", "--seeds=7"]
 
 
+def equiv_config(data_dir, workdir, **overrides):
+    """EQUIV as a TrainConfig, for the runs made in this process."""
+    return tiny_config(data_dir, workdir, epochs=2, dropout_rate=0.0, seeds=(7,), **overrides)
+
+
 @pytest.fixture(scope="module")
 def one_replica_weights(data_dir, tmp_path_factory):
+    from msa_xla.trainer.main import run
+
     workdir = tmp_path_factory.mktemp("one") / "run"
-    code, _, err = run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
-                                      "--strategy=cpu"])
-    assert code == 0, err
+    try:
+        assert run(equiv_config(data_dir, workdir, strategy="cpu")) == 0
+    finally:
+        keras.backend.experimental.disable_tf_random_generator()  # as _legacy_rng_after
     return model_weights(workdir / "seed_7" / "model.keras")
 
 
@@ -141,10 +150,10 @@ def _assert_same_weights(actual, expected):
 @pytest.mark.slow
 @pytest.mark.xdist_group("one_replica_weights")  # shares one module fixture
 def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_weights):
-    workdir = tmp_path / "run"
-    code, _, err = run_train(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
-                                      "--strategy=mirrored", "--cpu_replicas=2"])
-    assert code == 0, err
+    from msa_xla.trainer.main import run
+
+    workdir = tmp_path / "run"  # in this process: conftest.py made its two logical CPUs
+    assert run(equiv_config(data_dir, workdir, strategy="mirrored"), cpu_replicas=2) == 0
     res = results(workdir)
     assert res["replicas"] == 2 and res["jit"] == "split_step"
     _assert_same_weights(model_weights(workdir / "seed_7" / "model.keras"), one_replica_weights)
@@ -202,7 +211,7 @@ def test_bad_flag_in_a_fresh_process_is_one_line_exit_code_2_no_traceback(tmp_pa
 
 
 @pytest.mark.slow
-def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path):
+def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path, capsys):
     # 17 valid/test clips = 3 batches of 8; one bad record each leaves 16 = 2 batches, so the
     # trainer must count the usable records (a third batch would run the input out of data).
     data = make_tiny_dataset(tmp_path / "data", sizes=(64, 17, 17))
@@ -215,13 +224,16 @@ def test_corrupt_shard_stops_naming_the_file_or_is_skipped_with_a_count(tmp_path
             f.seek(40)
             f.write(bytes([byte[0] ^ 0xFF]))
     args = TINY + [f"--data_dir={data}", "--epochs=2", "--jit_compile=false"]  # data under test
-    code, _, err = run_train(args + [f"--workdir={tmp_path / 'strict'}"], timeout=120)
+    code, _, err = main_in_process(args + [f"--workdir={tmp_path / 'strict'}"], capsys)
     assert code == 2 and os.path.basename(shards[0]) in err and "Traceback" not in err, err
-    code, out, err = run_train(args + ["--skip_corrupt", f"--workdir={tmp_path / 'skip'}"])
+    with pytest.warns(CorruptRecordsWarning) as warned:  # a process prints them on stderr
+        code, out, err = main_in_process(
+            args + ["--skip_corrupt", f"--workdir={tmp_path / 'skip'}"], capsys)
     assert code == 0, err
+    skipped = "\n".join(str(w.message) for w in warned)
     for shard in shards:
-        assert f"{os.path.basename(shard)}: skipped 1 of 64" in err or \
-            f"{os.path.basename(shard)}: skipped 1 of 17" in err, err
+        assert f"{os.path.basename(shard)}: skipped 1 of 64" in skipped or \
+            f"{os.path.basename(shard)}: skipped 1 of 17" in skipped, skipped
     assert "ran out of data" not in err + out
     res = results(tmp_path / "skip")
     assert res["data_metadata"]["skipped_corrupt"] == {"train": 1, "valid": 1, "test": 1}
