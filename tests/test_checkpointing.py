@@ -35,15 +35,19 @@ from tests.train_helpers import (
     start_cluster,
 )
 
-# 96 clips / batch 8 = 12 steps per epoch, 3 epochs = 36 steps; dropout on (its RNG state must be
-# restored too), checkpoints every 5 steps so the kill lands mid-epoch.
-RESUME = TINY + ["--epochs=3", "--dropout_rate=0.1", "--checkpoint_every=5", "--deterministic",
+# 192 clips / batch 8 = 24 steps per epoch, 3 epochs = 72 steps; dropout on (its RNG state must be
+# restored too), checkpoints every 10 steps so the kill lands mid-epoch. Between two checkpoints
+# run 9 plain steps (~90 ms at ~10 ms a step), longer than the progress bar's 50 ms redraw
+# interval: the bar shows a step past the newest checkpoint before the next one is written (with
+# 4 steps between checkpoints it often did not, and the SIGKILL test's run ended unkilled).
+STEPS_PER_EPOCH, TOTAL_STEPS = 24, 72
+RESUME = TINY + ["--epochs=3", "--dropout_rate=0.1", "--checkpoint_every=10", "--deterministic",
                  "--seeds=3"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=(96, 16, 16))
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=(192, 16, 16))
 
 
 def _wait_for(pattern, process, timeout=180):
@@ -57,11 +61,32 @@ def _wait_for(pattern, process, timeout=180):
     raise AssertionError(f"{pattern} did not appear")
 
 
+def _train_here(args, capsys=None):
+    """`python -m msa_xla.train ARGS` in this process: (exit code, stdout, stderr). What a
+    --deterministic run switches on for the whole process is switched off again."""
+    # Not in tf.config's public API (TF 2.21): the function enable_op_determinism's docs pair it with.
+    from tensorflow.python.framework.config import disable_op_determinism
+
+    try:
+        if capsys is not None:
+            return main_in_process(args, capsys)
+        from msa_xla.cli import absl_flags_parser
+        from msa_xla.trainer.main import FLAGS, main
+
+        try:
+            return main(absl_flags_parser(FLAGS)(["msa_xla.train", *args])), "", ""
+        finally:
+            FLAGS.unparse_flags()
+    finally:
+        disable_op_determinism()
+        keras.backend.experimental.disable_tf_random_generator()
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("whole") / "run"
-    code, _, err = run_train(RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"])
-    assert code == 0, err
+    code, _, _ = _train_here(RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"])
+    assert code == 0
     return model_weights(os.path.join(workdir, "seed_3", "model.keras"))
 
 
@@ -74,11 +99,11 @@ def _latest_step(workdir):
         return 0
 
 
-# Where checkpoints land in RESUME: every 5 steps and at the epoch ends (12, 24, 36).
-CHECKPOINT_STEPS = sorted({*range(5, 36, 5), 12, 24})
-# --verbose=1: Keras redraws "  7/12 [====>...] - ..." with \b and \r (one line per epoch, as it
+# Where checkpoints land in RESUME: every 10 steps and at the epoch ends (24, 48, 72).
+CHECKPOINT_STEPS = sorted({*range(10, TOTAL_STEPS, 10), STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH})
+# --verbose=1: Keras redraws "  7/24 [====>...] - ..." with \b and \r (one line per epoch, as it
 # counts `posix` in sys.modules as a terminal); "Epoch 2/3" starts each epoch.
-PROGRESS = re.compile(r"Epoch (\d+)/3|(\d+)/12 \[")
+PROGRESS = re.compile(rf"Epoch (\d+)/3|(\d+)/{STEPS_PER_EPOCH} \[")
 
 
 def _follow_stdout(process):
@@ -106,23 +131,23 @@ def _steps_done(chunks):
         if match.group(1):
             epoch = int(match.group(1))
         else:
-            step = max(step, (epoch - 1) * 12 + int(match.group(2)))
+            step = max(step, (epoch - 1) * STEPS_PER_EPOCH + int(match.group(2)))
     return step
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
 def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
-        data_dir, tmp_path, uninterrupted):
+        data_dir, tmp_path, uninterrupted, capsys):
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"]
     kills = []  # (steps the killed run had done at least, its last checkpoint)
     for _ in range(3):
         before = _latest_step(workdir)
-        # One of the next two, at most 30: each kill lands within a step or two of its target
-        # (so at most one checkpoint later), and never near the last epoch end (36).
-        target = rng.choice([s for s in CHECKPOINT_STEPS if before < s <= 30][:2])
+        # One of the next two, at most 60: each kill lands within a step or two of its target
+        # (so at most one checkpoint later), and never near the last epoch end (72).
+        target = rng.choice([s for s in CHECKPOINT_STEPS if before < s <= 60][:2])
         process = run_train(args + ["--verbose=1"], wait=False)
         chunks, reader = _follow_stdout(process)
         deadline = time.time() + 180
@@ -146,14 +171,14 @@ def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
         assert (int(resumed.group(1)) if resumed else 0) == before, (out, before)
         kills.append((_steps_done(chunks), _latest_step(workdir)))
     saved = [checkpoint for _, checkpoint in kills]
-    assert saved == sorted(saved) and saved[-1] < 36, kills
+    assert saved == sorted(saved) and saved[-1] < TOTAL_STEPS, kills
     # At least one kill lost steps done after its last checkpoint (the rerun trains them again).
     assert any(done > checkpoint for done, checkpoint in kills), kills
-    code, out, err = run_train(args)
+    code, out, err = _train_here(args, capsys)  # the resume: in this process
     assert code == 0, err
     assert f"resumed from step {saved[-1]} " in out, (out, kills)
     resumed = model_weights(os.path.join(workdir, "seed_3", "model.keras"))
-    assert results(workdir)["per_seed"][0]["steps"] == 36
+    assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
     for a, b in zip(resumed, uninterrupted):
         np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
@@ -161,14 +186,14 @@ def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
 @pytest.mark.slow
 @pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
 def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterrupted_weights(
-        data_dir, tmp_path, uninterrupted):
+        data_dir, tmp_path, uninterrupted, capsys):
     workdir = str(tmp_path / "run")
-    # Without --checkpoint_every only the epoch ends (12, 24, 36) and the SIGTERM save checkpoint.
+    # Without --checkpoint_every only the epoch ends (24, 48, 72) and the SIGTERM save checkpoint.
     args = RESUME + ["--checkpoint_every=0", f"--data_dir={data_dir}", f"--workdir={workdir}"]
     process = run_train(args + ["--verbose=2"], wait=False)
     try:
         # Keras prints "Epoch 2/3" as epoch 2 begins, after epoch 1's validation and checkpoint
-        # (step 12): the signal reaches epoch 2's steps (or its validation, then epoch 3's first
+        # (step 24): the signal reaches epoch 2's steps (or its validation, then epoch 3's first
         # step), never the last validation.
         for line in iter(process.stdout.readline, ""):
             if line.startswith("Epoch 2/3"):
@@ -183,18 +208,18 @@ def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterru
     assert process.returncode == EXIT_PREEMPTED, err
     assert "preempted (SIGTERM): checkpoint saved" in out, out
     signalled = _latest_step(workdir)
-    # The checkpoint the SIGTERM wrote, at the step it stopped: after epoch 1's (12), before the
-    # end (36). A SIGTERM that stopped without saving would leave 12 here.
-    assert 12 < signalled < 36, signalled
+    # The checkpoint the SIGTERM wrote, at the step it stopped: after epoch 1's (24), before the
+    # end (72). A SIGTERM that stopped without saving would leave 24 here.
+    assert STEPS_PER_EPOCH < signalled < TOTAL_STEPS, signalled
     checkpoints = os.path.join(workdir, "seed_3", "checkpoints")
     assert os.path.isfile(os.path.join(checkpoints, f"ckpt-{signalled}.index"))
     with open(os.path.join(checkpoints, f"trainer-{signalled}.json")) as f:
         assert json.load(f)["step"] == signalled
     assert not os.path.exists(os.path.join(workdir, "seed_3", "result.json"))
-    code, out, err = run_train(args)
+    code, out, err = _train_here(args, capsys)  # the resume: in this process
     assert code == 0, err
     assert f"resumed from step {signalled} " in out, out
-    assert results(workdir)["per_seed"][0]["steps"] == 36
+    assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
     for a, b in zip(model_weights(os.path.join(workdir, "seed_3", "model.keras")), uninterrupted):
         np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
@@ -224,7 +249,7 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     print(f"the survivor stopped {noticed_after:.1f} s after the kill")  # shown with -s
     assert noticed_after < 60, noticed_after  # TF's heartbeats
     saved = _latest_step(workdir)
-    assert 0 < saved < 36, saved
+    assert 0 < saved < TOTAL_STEPS, saved
 
     # The same command on both workers (same ports, unless taken meanwhile): they resume from
     # the shared checkpoint.
@@ -233,7 +258,7 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
     assert f"resumed from step {saved} " in outputs[0][0], outputs[0][0]
-    assert results(workdir)["per_seed"][0]["steps"] == 36
+    assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
 
 
 def test_second_run_on_a_locked_workdir_is_refused(tmp_path):
