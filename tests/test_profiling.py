@@ -458,7 +458,8 @@ def test_profiler_port_starts_a_server_that_accepts_connections(tmp_path, capsys
     data_dir = make_tiny_dataset(tmp_path / "data", sizes=(16, 8, 8))
     cfg = TrainConfig(data_dir=data_dir, workdir=str(tmp_path / "run"), model_dim=16,
                       num_heads=2, ff_dim=32, n_layers_mod=1, n_layers_fuse=1, batch_size=8,
-                      epochs=1, verbose=0, checkpoint_every=0, profiler_port=port)
+                      epochs=1, verbose=0, checkpoint_every=0, profiler_port=port,
+                      jit_compile="false")  # the server is under test, not XLA
     try:
         assert run(cfg) == 0
     finally:
