@@ -253,7 +253,9 @@ def test_run_on_ram_filesystem_trains_checkpoints_resumes_and_writes_results(cap
     data_dir, workdir, profile_dir = f"{root}/data", f"{root}/run", f"{root}/profile"
     writer.convert(synthetic.generate(SIZES, seq_len=SEQ_LEN, dims=DIMS, seed=5), data_dir,
                    source_format="synthetic", source_path="-", log=lambda line: None)
-    cfg = dict(epochs=2, checkpoint_every=3, profile_steps=(2, 3), profile_dir=profile_dir)
+    # Storage is under test, not XLA: no compile (the capture then holds TF's op events).
+    cfg = dict(epochs=2, checkpoint_every=3, profile_steps=(2, 3), profile_dir=profile_dir,
+               jit_compile="false")
 
     # First run: preempted (SIGTERM) after step 5 of 16, as a TPU VM's maintenance event would.
     real_build = loop.build_callbacks
