@@ -209,6 +209,21 @@ def test_dropout_and_causal_match_reference_forward_and_gradient(impl, q_len, k_
 
 
 @pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("offset", [-2, 0, 6])
+def test_causal_offset_lets_query_i_see_keys_up_to_i_plus_offset(impl, offset):
+    # Independent of the core's own mask code: row i equals the reference without the causal
+    # mask, given the padding mask with keys j > i + offset removed.
+    q, k, v, q_mask, kv_mask = _random_inputs(3, 5, 11)
+    got = masked_attention(q, k, v, q_mask, kv_mask, impl=impl, block_size=3,
+                           causal_offset=offset).numpy()
+    for i in range(5):
+        row_mask = kv_mask & (np.arange(11) <= i + offset)[None]
+        want = masked_attention(q[:, i:i + 1], k, v, q_mask[:, i:i + 1], row_mask,
+                                impl="reference")
+        np.testing.assert_allclose(got[:, i:i + 1], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
 def test_dropout_and_causal_match_reference_under_jit_compile(impl):
     inputs = _random_inputs(3, 5, 11)
     options = _options("both", 5, 11)
