@@ -283,12 +283,16 @@ def test_trainer_builds_mult_from_flags():
 
 @pytest.mark.slow
 def test_learns_the_tiny_dataset_through_the_trainer(tmp_path):
+    # 20 epochs: after 12, test MAE / the constant predictor's MAE was 0.49, 0.63, 0.47 on
+    # seeds 1111, 2, 3 with MulT's former attention dropout and 0.53, 0.40, 0.51 with the
+    # attention core's (other masks, same distribution): the 0.5 bound was a coin flip. After
+    # 20 epochs: 0.45 (seed 1111, the core's masks) and 0.42 (seed 2, the former ones).
     from msa_xla.trainer.main import run
 
     data_dir = make_tiny_dataset(tmp_path / "data")
     cfg = TrainConfig(data_dir=data_dir, workdir=str(tmp_path / "run"), model="mult",
                       model_dim=16, num_heads=2, n_layers_mod=1, batch_size=8,
-                      learning_rate=3e-3, epochs=12, verbose=0, checkpoint_every=0)
+                      learning_rate=3e-3, epochs=20, verbose=0, checkpoint_every=0)
     try:
         assert run(cfg) == 0
     finally:
