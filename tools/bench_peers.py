@@ -18,6 +18,8 @@ L1 loss, backward, gradient clipping by value 0.6 and an Adam update (MMSA's Mul
 - msa_xla: `MulTModel` with the same config, the whole step one `tf.function(jit_compile=True)`.
   MMSA's config has `attn_mask: true` and its encoder has no positions, so the model is built
   with `causal_mask=True, positional=False`: the same computation, plus padding masks.
+  Attention core: `fused` for the aligned shapes, `chunked` for the unaligned ones (its memory
+  grows with T_q x block, not T_q x T_k; `tools/mult_memory.py` measures the step's peak RSS).
 Batch 32; aligned 50/50/50 and unaligned 50/375/500 (text/audio/video); random features with
 random true lengths, zero padding after them (MMSA reads the padding as data; msa_xla masks it).
 
@@ -54,6 +56,13 @@ SHAPES = {"aligned": (50, 50, 50), "unaligned": (50, 375, 500)}
 # Steps per timed round and rounds, per shape: a round of each side takes a few seconds.
 PLAN = {"aligned": dict(steps=4, rounds=5), "unaligned": dict(steps=1, rounds=3)}
 QUICK_PLAN = {"aligned": dict(steps=2, rounds=2), "unaligned": dict(steps=1, rounds=2)}
+# msa_xla's attention core per shape: `fused` at 50 steps; `chunked` for the long unaligned
+# audio and video, whose B x H x T_q x T_k maps (and their gradients) would not fit in memory.
+ATTENTION_IMPL = {"aligned": "fused", "unaligned": "chunked"}
+
+
+def attention_impl_for(shape_name):
+    return ATTENTION_IMPL[shape_name]
 
 
 def _peers():
@@ -139,14 +148,14 @@ def torch_step_fn(config, features, labels):
     return step, sum(p.numel() for p in params)
 
 
-def xla_step_fn(config, seq_lens, features, masks, labels):
+def xla_step_fn(config, seq_lens, features, masks, labels, attention_impl="fused"):
     import tensorflow as tf
     import tf_keras as keras
 
     from msa_xla import MulTModel
 
     keras.utils.set_random_seed(0)
-    model = MulTModel(**mult_kwargs(config, seq_lens))
+    model = MulTModel(**mult_kwargs(config, seq_lens, attention_impl=attention_impl))
     inputs = tuple(tf.constant(x) for x in features) + tuple(tf.constant(m) for m in masks)
     target = tf.constant(labels)
     model(inputs)
@@ -187,8 +196,8 @@ def bench_shape(name, plan, log):
     candidates = {}
     log(f"{name} {seq_lens}: building MMSA's MulT and msa_xla's MulTModel")
     candidates["mmsa_torch"], torch_params = torch_step_fn(config, features, labels)
-    candidates["msa_xla_jit"], xla_params, train_step = xla_step_fn(config, seq_lens, features,
-                                                                    masks, labels)
+    candidates["msa_xla_jit"], xla_params, train_step = xla_step_fn(
+        config, seq_lens, features, masks, labels, attention_impl=attention_impl_for(name))
     start = time.perf_counter()
     candidates["msa_xla_jit"]()  # warm-up: XLA compiles (the first call), torch allocates
     for step in candidates.values():
@@ -205,6 +214,7 @@ def bench_shape(name, plan, log):
                for k, v in rates.items()}
     return {
         "seq_lens": list(seq_lens), "batch_size": BATCH, "steps_per_round": plan["steps"],
+        "msa_xla_attention_impl": attention_impl_for(name),
         "samples_per_second": summary,
         "ratio_best": summary["msa_xla_jit"]["best"] / summary["mmsa_torch"]["best"],
         "ratio_median": summary["msa_xla_jit"]["median"] / summary["mmsa_torch"]["median"],

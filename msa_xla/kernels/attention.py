@@ -1,8 +1,18 @@
 """The masked attention core: one function owns the math, layers own the projections.
 
-    out = masked_attention(q, k, v, q_mask, kv_mask, impl="fused")
+    out = masked_attention(q, k, v, q_mask, kv_mask, impl="fused",
+                           dropout_rate=0.0, dropout_key=None, causal_offset=None)
 
 Shapes: q (B, Tq, H, Dh), k and v (B, Tk, H, Dh), masks (B, T) bool with True = valid.
+Optional, with the same semantics in every implementation:
+- ``causal_offset``: query i sees key j only if j <= i + offset (MulT's causal mask with
+  offset |Tk - Tq|), on top of the key padding mask; built from index iotas, never stored;
+- ``dropout_rate`` / ``dropout_key``: dropout on the attention probabilities (torch's),
+  ``O = (P * M / keep) V`` with P the masked softmax. The keep mask M is a pure function of
+  (key, b, h, q, k) (`msa_xla.kernels.hashing`), so the three implementations draw the same
+  mask and ``chunked`` regenerates a block's mask in its backward pass instead of storing it.
+  keep = 1 - rate quantised to 1/65536, kept values scaled by its exact inverse.
+
 Three implementations of the same math, chosen by one validated string:
 
 - ``reference``: einsum, float32 softmax, einsum. Readable; the oracle of the tests.
@@ -17,7 +27,8 @@ Three implementations of the same math, chosen by one validated string:
 Masking rules shared by all three (why: bf16 and fully padded rows):
 - logits are float32 and masked with ``tf.where`` on a boolean, never by adding large
   negatives (two ``finfo.min`` in bf16 sum to -inf and a fully masked row becomes NaN);
-- a query whose keys are all masked, and a masked query, get an output of zeros.
+- a query whose keys are all masked (padding or causal), and a masked query, get an output
+  of zeros.
 """
 
 import math
@@ -25,6 +36,7 @@ import math
 import tensorflow as tf
 
 from msa_xla.errors import UserError
+from msa_xla.kernels.hashing import counter_keep_mask, quantized_keep_probability
 from msa_xla.kernels.scopes import gradient_scope
 from msa_xla.options import ATTENTION_IMPLS
 from msa_xla.runtime.compat import in_xla_context
@@ -44,8 +56,9 @@ def validate_impl(impl):
 
 
 def masked_attention(q, k, v, q_mask=None, kv_mask=None, *, impl="fused",
-                     block_size=DEFAULT_BLOCK_SIZE):
-    """Scaled dot-product attention with key and query padding masks.
+                     block_size=DEFAULT_BLOCK_SIZE, dropout_rate=0.0, dropout_key=None,
+                     causal_offset=None):
+    """Scaled dot-product attention with padding masks, optional causal mask and dropout.
 
     Args:
       q: (B, Tq, H, Dh) queries.
@@ -55,6 +68,10 @@ def masked_attention(q, k, v, q_mask=None, kv_mask=None, *, impl="fused",
       kv_mask: optional (B, Tk) bool, True = valid key.
       impl: one of ``ATTENTION_IMPLS``.
       block_size: key block length for ``chunked``.
+      dropout_rate: Python float in [0, 1), dropout on the attention probabilities. 0: none.
+      dropout_key: int tensor of 2 values, needed when ``dropout_rate > 0``; the same key
+        gives the same mask (draw a fresh one per training step).
+      causal_offset: optional Python int; query i then sees key j only if j <= i + offset.
 
     Returns:
       (B, Tq, H, Dh) in the dtype of ``v``.
@@ -63,8 +80,14 @@ def masked_attention(q, k, v, q_mask=None, kv_mask=None, *, impl="fused",
       >>> q = tf.random.normal((2, 5, 4, 8)); kv = tf.random.normal((2, 7, 4, 8))
       >>> masked_attention(q, kv, kv, kv_mask=tf.sequence_mask([7, 3], 7)).shape
       TensorShape([2, 5, 4, 8])
+      >>> masked_attention(q, kv, kv, impl="chunked", block_size=4, dropout_rate=0.1,
+      ...                  dropout_key=tf.constant([1, 2]), causal_offset=2).shape
+      TensorShape([2, 5, 4, 8])
     """
     validate_impl(impl)
+    dropout = _validate_dropout(dropout_rate, dropout_key)
+    if causal_offset is not None:
+        causal_offset = int(causal_offset)
     batch, q_len, k_len = tf.shape(q)[0], tf.shape(q)[1], tf.shape(k)[1]
     if q_mask is None:
         q_mask = tf.ones((batch, q_len), tf.bool)
@@ -73,28 +96,84 @@ def masked_attention(q, k, v, q_mask=None, kv_mask=None, *, impl="fused",
     q_mask = tf.cast(q_mask, tf.bool)
     kv_mask = tf.cast(kv_mask, tf.bool)
     if impl == "reference":
-        return _reference(q, k, v, q_mask, kv_mask)
+        return _reference(q, k, v, q_mask, kv_mask, dropout, causal_offset)
     if impl == "fused":
-        return _fused(q, k, v, q_mask, kv_mask)
-    return _chunked(q, k, v, q_mask, kv_mask, block_size)
+        return _fused(q, k, v, q_mask, kv_mask, dropout, causal_offset)
+    return _chunked(q, k, v, q_mask, kv_mask, block_size, dropout, causal_offset)
 
 
-def _reference(q, k, v, q_mask, kv_mask):
+def _shape(t):
+    """t's shape as a list: static ints where known, scalar tensors elsewhere."""
+    dynamic = tf.shape(t)
+    return [d if d is not None else dynamic[i] for i, d in enumerate(t.shape.as_list())]
+
+
+def _validate_dropout(rate, key):
+    """(rate, int32 key) for dropout on the probabilities, or None for no dropout."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise UserError(f"dropout_rate={rate} must be in [0, 1)")
+    if rate == 0.0:
+        return None
+    if quantized_keep_probability(rate) <= 0.0:
+        raise UserError(f"dropout_rate={rate} drops every weight (keep probability 0 at 1/65536)")
+    if key is None:
+        raise UserError(f"dropout_rate={rate} needs a dropout_key (2 ints)")
+    return rate, tf.cast(key, tf.int32)
+
+
+def _allowed_keys(kv_valid, q_len, k_start, k_count, causal_offset):
+    """Keys each query may see, (B, 1, Tq or 1, k_count) bool, for keys k_start .. +k_count.
+
+    kv_valid: (B, k_count) padding mask of those keys. The causal part comes from iotas
+    (query i, key j: j <= i + offset), so no (Tq, Tk) tensor is stored.
+    """
+    allowed = kv_valid[:, None, None, :]
+    if causal_offset is not None:
+        queries = tf.range(q_len)[:, None]
+        keys = k_start + tf.range(k_count)[None, :]
+        allowed = tf.logical_and(allowed, (keys <= queries + causal_offset)[None, None])
+    return allowed
+
+
+def _dropout_keep(dropout, shape, k_start, k_len):
+    """Keep mask (B, H, Tq, k_count) for keys k_start .. k_start + k_count - 1.
+
+    Element (b, h, i, j) is decided by the counter ((b * H + h) * Tq + i) * Tk + j of its
+    global position (Tk the unpadded key length): the same decision in every implementation
+    and every block. Counters are int32 arithmetic, unique modulo 2^32: masks would repeat
+    only past 4.3e9 elements B * H * Tq * Tk (MOSI unaligned at batch 32, 10 heads: 8e7 at most).
+    """
+    rate, key = dropout
+    batch, heads, q_len, k_count = shape
+    index = ((tf.range(batch)[:, None, None, None] * heads
+              + tf.range(heads)[None, :, None, None]) * q_len
+             + tf.range(q_len)[None, None, :, None]) * k_len
+    counter = index + (k_start + tf.range(k_count))[None, None, None, :]
+    return counter_keep_mask(counter, rate, key)
+
+
+def _reference(q, k, v, q_mask, kv_mask, dropout, causal_offset):
     out_dtype = v.dtype
     q, k, v = (tf.cast(t, tf.float32) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = tf.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, H, Tq, Tk)
-    key_valid = kv_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    q_len, k_len = _shape(q)[1], _shape(k)[1]
+    key_valid = _allowed_keys(kv_mask, q_len, 0, k_len, causal_offset)  # (B, 1, 1|Tq, Tk)
     logits = tf.where(key_valid, logits, _MASKED_LOGIT)
     probs = tf.nn.softmax(logits, axis=-1)
     # A row with no valid key would be uniform over padding: zero it instead.
     probs = tf.where(key_valid, probs, 0.0)
+    if dropout is not None:
+        keep = _dropout_keep(dropout, _shape(probs), 0, k_len)
+        probs = tf.where(keep, probs * (1.0 / quantized_keep_probability(dropout[0])), 0.0)
     out = tf.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, Tq, H, Dh)
     out = tf.where(q_mask[:, :, None, None], out, 0.0)
     return tf.cast(out, out_dtype)
 
 
-def _attention_math(q, k, v, q_mask, kv_mask):
+def _attention_math(q, k, v, q_mask, kv_mask, dropout_key=None, dropout_rate=0.0,
+                    causal_offset=None):
     """The fused path: matmuls in the input dtype, logits and softmax in float32."""
     if q.dtype == tf.float16:
         # float16 tops out at 65504: q.k of activations in the hundreds overflows to inf and
@@ -103,14 +182,21 @@ def _attention_math(q, k, v, q_mask, kv_mask):
     scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     logits = tf.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, H, Tq, Tk)
     logits = tf.cast(logits, tf.float32)
-    key_valid = kv_mask[:, None, None, :]  # (B, 1, 1, Tk)
+    q_len, k_len = _shape(q)[1], _shape(k)[1]
+    key_valid = _allowed_keys(kv_mask, q_len, 0, k_len, causal_offset)  # (B, 1, 1|Tq, Tk)
     logits = tf.where(key_valid, logits, _MASKED_LOGIT)
     row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
     weights = tf.where(key_valid, tf.exp(logits - row_max), 0.0)
     # Normalise after the value matmul: (B, Tq, H, 1) divisions instead of (B, H, Tq, Tk).
     denom = tf.reduce_sum(weights, axis=-1)  # (B, H, Tq)
-    out = tf.einsum("bhqk,bkhd->bqhd", tf.cast(weights, v.dtype), v)  # (B, Tq, H, Dh)
     inv = tf.math.divide_no_nan(1.0, denom)  # 0 for rows with no valid key
+    if dropout_rate:
+        # Dropping unnormalised weights and dividing by the undropped sum is dropout on P.
+        keep = _dropout_keep((dropout_rate, dropout_key), _shape(weights), 0,
+                             k_len)
+        weights = tf.where(keep, weights, 0.0)
+        inv = inv * (1.0 / quantized_keep_probability(dropout_rate))  # exact, in float32
+    out = tf.einsum("bhqk,bkhd->bqhd", tf.cast(weights, v.dtype), v)  # (B, Tq, H, Dh)
     inv = tf.where(q_mask[:, None, :], inv, 0.0)
     inv = tf.transpose(inv, [0, 2, 1])[..., None]  # (B, Tq, H, 1)
     return out * tf.cast(inv, v.dtype)
@@ -120,22 +206,23 @@ _fused_xla = tf.function(_attention_math, jit_compile=True, autograph=False,
                          reduce_retracing=False)
 
 
-def _fused(q, k, v, q_mask, kv_mask):
+def _fused(q, k, v, q_mask, kv_mask, dropout, causal_offset):
     # Inside an XLA cluster the math is inlined: the surrounding compilation fuses it anyway,
     # and a nested jit_compile function there made XLA treat every argument of the train step
     # (the batch and all weights) as a compile-time constant, so the step recompiled on every
     # call (~10 s a step on CPU; see tools/bench.py's retrace and DeviceCompiler logs).
-    if in_xla_context():
-        return _attention_math(q, k, v, q_mask, kv_mask)
-    return _fused_xla(q, k, v, q_mask, kv_mask)
+    rate, key = dropout if dropout is not None else (0.0, None)
+    fn = _attention_math if in_xla_context() else _fused_xla
+    return fn(q, k, v, q_mask, kv_mask, key, rate, causal_offset)
 
 
-def _chunked(q, k, v, q_mask, kv_mask, block_size):
+def _chunked(q, k, v, q_mask, kv_mask, block_size, dropout, causal_offset):
     if block_size <= 0:
         raise UserError(f"block_size={block_size} must be positive")
     k_len = k.shape[1]
     if k_len is None:
         raise UserError("chunked attention needs a static key length (pad to a fixed seq_len)")
+    block_size = min(int(block_size), max(k_len, 1))  # one block needs no padding
     # Pad keys to whole blocks; padded keys are masked like any other padding.
     num_blocks = -(-k_len // block_size)
     pad = num_blocks * block_size - k_len
@@ -143,7 +230,8 @@ def _chunked(q, k, v, q_mask, kv_mask, block_size):
         k = tf.pad(k, [[0, 0], [0, pad], [0, 0], [0, 0]])
         v = tf.pad(v, [[0, 0], [0, pad], [0, 0], [0, 0]])
         kv_mask = tf.pad(kv_mask, [[0, 0], [0, pad]], constant_values=False)
-    out = _make_online_softmax_attention(kv_mask, int(block_size))(q, k, v)
+    out = _make_online_softmax_attention(kv_mask, block_size, k_len, dropout,
+                                         causal_offset)(q, k, v)
     return out * tf.cast(q_mask, out.dtype)[:, :, None, None]
 
 
@@ -180,12 +268,13 @@ def _for_each_block(num_blocks, body, state):
     return tuple(state)
 
 
-def _make_online_softmax_attention(kv_mask, block_size):
+def _make_online_softmax_attention(kv_mask, block_size, k_len, dropout, causal_offset):
     """Builds the custom-gradient attention over q, k, v for one key mask and block size.
 
-    The mask is closed over rather than passed, so the custom gradient's inputs are
-    exactly the three differentiable tensors. k, v and the mask must already be padded
-    to whole blocks.
+    The mask (and the dropout key) are closed over rather than passed, so the custom
+    gradient's inputs are exactly the three differentiable tensors. k, v and the mask must
+    already be padded to whole blocks; k_len is the unpadded key length (the dropout
+    counters' stride, so every block draws the reference's mask).
     """
     mask_blocks = _to_blocks(kv_mask, block_size)  # (n, B, blk)
     num_blocks = mask_blocks.shape[0]
@@ -201,14 +290,23 @@ def _make_online_softmax_attention(kv_mask, block_size):
         """
         dtype = v.dtype
         scale = 1.0 / math.sqrt(q.shape[-1])
+        inv_keep = 1.0 / quantized_keep_probability(dropout[0]) if dropout is not None else 1.0
         q32 = tf.cast(q, tf.float32) * scale
         k_blocks, v_blocks = _to_blocks(k, block_size), _to_blocks(v, block_size)
 
+        q_len = _shape(q)[1]
+
         def key_block(i):
-            """Block i as float32 k and v (B, blk, H, Dh) and its valid keys (B, 1, 1, blk)."""
+            """Block i as float32 k and v (B, blk, H, Dh) and the keys each query may see
+            (B, 1, 1 or Tq, blk): padding and, if asked, the causal mask from iotas."""
             return (tf.cast(tf.gather(k_blocks, i), tf.float32),
                     tf.cast(tf.gather(v_blocks, i), tf.float32),
-                    tf.gather(mask_blocks, i)[:, None, None, :])
+                    _allowed_keys(tf.gather(mask_blocks, i), q_len, i * block_size,
+                                  block_size, causal_offset))
+
+        def block_keep(i, logits):
+            """Block i's dropout keep mask (B, H, Tq, blk), regenerated from the key."""
+            return _dropout_keep(dropout, _shape(logits), i * block_size, k_len)
 
         def forward_block(i, row_max, row_sum, acc):
             k32, v32, valid = key_block(i)
@@ -217,7 +315,9 @@ def _make_online_softmax_attention(kv_mask, block_size):
             new_max = tf.maximum(row_max, tf.reduce_max(logits, axis=-1))
             correction = tf.exp(row_max - new_max)  # rescales what was summed so far
             weights = tf.where(valid, tf.exp(logits - new_max[..., None]), 0.0)
-            row_sum = row_sum * correction + tf.reduce_sum(weights, axis=-1)
+            row_sum = row_sum * correction + tf.reduce_sum(weights, axis=-1)  # undropped
+            if dropout is not None:  # dropped numerator / undropped sum: dropout on P
+                weights = tf.where(block_keep(i, logits), weights, 0.0)
             acc = (acc * tf.transpose(correction, [0, 2, 1])[..., None]
                    + tf.einsum("bhqk,bkhd->bqhd", weights, v32))
             return new_max, row_sum, acc
@@ -229,6 +329,8 @@ def _make_online_softmax_attention(kv_mask, block_size):
                                                 (row_max, row_sum, acc))
         has_key = row_sum > 0.0  # False where every key is padding
         inv = tf.math.divide_no_nan(1.0, row_sum)
+        if dropout is not None:
+            inv = inv * inv_keep
         out32 = acc * tf.transpose(inv, [0, 2, 1])[..., None]  # (B, Tq, H, Dh)
         # log-sum-exp per row; 0 where the row has no key (its weights are all masked anyway).
         lse = tf.where(has_key, row_max + tf.math.log(tf.where(has_key, row_sum, 1.0)), 0.0)
@@ -242,14 +344,24 @@ def _make_online_softmax_attention(kv_mask, block_size):
         def _grad(d_out):
             d_out = tf.cast(d_out, tf.float32)
             # D_i = sum_d dO_i * O_i: the softmax Jacobian term, one scalar per row.
+            # With dropout (P~ = P * M / keep, O = P~ V): dV = P~^T dO, dP~ = dO V^T,
+            # dP = dP~ * M / keep, dS = P * (dP - sum_j P_j dP_j), and
+            # sum_j P_j dP_j = sum_j P~_j (dO . V_j) = dO . (P~ V) = dO . O = D_i:
+            # the same row scalar from the (dropped-out) output, so nothing else is stored.
             row_dot = tf.transpose(tf.reduce_sum(d_out * out32, axis=-1), [0, 2, 1])  # (B, H, Tq)
 
             def backward_block(i, d_q, d_k, d_v):
                 k32, v32, valid = key_block(i)
                 logits = tf.einsum("bqhd,bkhd->bhqk", q32, k32)
                 probs = tf.where(valid, tf.exp(tf.minimum(logits - lse[..., None], 0.0)), 0.0)
-                d_v = d_v.write(i, tf.einsum("bhqk,bqhd->bkhd", probs, d_out))
                 d_probs = tf.einsum("bqhd,bkhd->bhqk", d_out, v32)
+                if dropout is None:
+                    dropped = probs
+                else:
+                    keep = block_keep(i, logits)  # the forward's mask, regenerated
+                    dropped = tf.where(keep, probs * inv_keep, 0.0)
+                    d_probs = tf.where(keep, d_probs * inv_keep, 0.0)
+                d_v = d_v.write(i, tf.einsum("bhqk,bqhd->bkhd", dropped, d_out))
                 d_logits = probs * (d_probs - row_dot[..., None])
                 d_q += tf.einsum("bhqk,bkhd->bqhd", d_logits, k32)
                 d_k = d_k.write(i, tf.einsum("bhqk,bqhd->bkhd", d_logits, q32))

@@ -6,10 +6,11 @@ no-jit 0.80 before this layer, 1.22 after; the commit messages name the runs).
 
 Inside a jit-compiled function this layer instead hashes a counter: each 32-bit word is
 the element counter pushed through two keyed rounds of the `lowbias32` integer hash
-(xor-shift-multiply; C. Wellons, "Hash function prospector"), keyed by two words drawn once
-per call from the layer's random generator, and gives two keep/drop decisions from its two
-16-bit halves (element i and element i + size/2). That is ~7 vectorisable integer ops per
-element instead of a Philox round trip. Outside XLA it is exactly `keras.layers.Dropout`
+(xor-shift-multiply; C. Wellons, "Hash function prospector"; `msa_xla.kernels.hashing`, shared
+with the attention core's dropout), keyed by two words drawn once per call from the layer's
+random generator, and gives two keep/drop decisions from its two 16-bit halves (element i and
+element i + size/2). That is ~7 vectorisable integer ops per element instead of a Philox
+round trip. Outside XLA it is exactly `keras.layers.Dropout`
 (TF's CPU/GPU random kernels are fast there).
 
 The keep probability is quantised to 1/65536 (rate 0.1 drops with probability
@@ -24,19 +25,15 @@ import numbers
 import tensorflow as tf
 import tf_keras as keras
 
+from msa_xla.kernels.hashing import (
+    LEVELS,
+    hash_words,
+    keep_threshold,
+    quantized_keep_probability,
+)
 from msa_xla.runtime.compat import in_xla_context
 
-_LEVELS = 1 << 16  # decisions are 16-bit: two per 32-bit hash word
-_M1, _M2 = 0x7FEB352D, 0x846CA68B  # lowbias32 multipliers
-
-
-def _lowbias32(x):
-    """One round of the lowbias32 integer hash on uint32 (a bijection of 32-bit words)."""
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    x = x * tf.constant(_M1, tf.uint32)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
-    x = x * tf.constant(_M2, tf.uint32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+__all__ = ["Dropout", "hashed_keep_mask", "quantized_keep_probability"]
 
 
 def hashed_keep_mask(shape, rate, key):
@@ -52,25 +49,17 @@ def hashed_keep_mask(shape, rate, key):
     """
     size = int(tf.TensorShape(shape).num_elements())
     words = (size + 1) // 2
-    k0, k1 = tf.unstack(tf.bitcast(tf.cast(key, tf.int32), tf.uint32))
-    counter = tf.bitcast(tf.range(words, dtype=tf.int32), tf.uint32)
-    x = _lowbias32(tf.bitwise.bitwise_xor(counter, k0))
-    x = _lowbias32(tf.bitwise.bitwise_xor(x, k1))  # second keyed round: keys do not just shift
+    x = hash_words(tf.range(words, dtype=tf.int32), key)
     # Element i takes the low half of word i, element words + i its high half: a broadcast
     # shift, so XLA fuses it into the select that applies the mask (an interleaving stack of
     # the halves was a separate concatenate per call, ~4% of the spec model's step).
     shifts = tf.constant([[0], [16]], tf.uint32)
-    halves = tf.bitwise.bitwise_and(tf.bitwise.right_shift(x[None, :], shifts), _LEVELS - 1)
-    threshold = tf.constant(int(round(float(rate) * _LEVELS)), tf.uint32)
+    halves = tf.bitwise.bitwise_and(tf.bitwise.right_shift(x[None, :], shifts), LEVELS - 1)
+    threshold = tf.constant(keep_threshold(rate), tf.uint32)
     keep = tf.reshape(halves >= threshold, [-1])  # (2 * words,)
     if 2 * words != size:
         keep = keep[:size]
     return tf.reshape(keep, shape)
-
-
-def quantized_keep_probability(rate):
-    """The keep probability the hashed mask really has for `rate`."""
-    return 1.0 - round(float(rate) * _LEVELS) / _LEVELS
 
 
 @keras.saving.register_keras_serializable(package="msa_xla")
@@ -103,7 +92,7 @@ class Dropout(keras.layers.Dropout):
             training = keras.backend.learning_phase()
 
         def dropped():
-            keep = hashed_keep_mask(inputs.shape, self.rate, self._key())
+            keep = hashed_keep_mask(inputs.shape, self.rate, self.draw_key())
             # Scaled in float32: 1/0.899994 is 1.109375 in bfloat16, which would shrink every
             # kept value's expectation by 0.16% per layer.
             scale = 1.0 / quantized_keep_probability(self.rate)
@@ -113,8 +102,13 @@ class Dropout(keras.layers.Dropout):
         return tf.__internal__.smart_cond.smart_cond(training, dropped,
                                                      lambda: tf.identity(inputs))
 
-    def _key(self):
-        """Two fresh 32-bit key words for this call."""
+    def draw_key(self):
+        """Two fresh 32-bit key words for a hashed mask (int tensor of 2 values).
+
+        Drawn from the layer's random generator, so a layer that only supplies keys (e.g. the
+        attention core's dropout in `msa_xla.models.mult`) is seeded and checkpointed as this
+        layer is (`msa_xla.trainer.checkpointing.rng_state_variables`).
+        """
         seed = self._random_generator.make_seed_for_stateless_op()
         if seed is not None:  # tf.random.Generator (checkpointed) or a fixed stateless seed
             return tf.convert_to_tensor(seed)

@@ -43,12 +43,14 @@ The attention dropout rate of a crossmodal transformer is the one of the modalit
 (MulT's `get_network`: text <- audio uses `attn_dropout_a`, audio <- text uses `attn_dropout`);
 the three memory transformers use `attn_dropout`.
 
-Attention: `msa_xla.kernels.masked_attention` (the `attention_impl` given) runs every attention
-that has neither dropout on its weights nor the causal mask: at inference always, in training
-those with rate 0 (MMSA's MOSI config: every attention to video). The core has no dropout on
-attention weights and no 2-D mask, so the others run `_masked_attention_with_dropout` below:
-the core's fused math (float32 logits masked with `tf.where`, normalisation after the value
-matmul, zeros for a query without keys) plus those two, with O(T_q x T_k) memory.
+Attention: every attention runs `msa_xla.kernels.masked_attention` (the `attention_impl`
+given), which applies the dropout on the attention weights (torch's: on the softmax
+probabilities, kept ones scaled by 1 / keep) and the causal mask itself, the same way in all
+its implementations. With `attention_impl="chunked"` training memory grows with T_q x block,
+not T_q x T_k: the causal mask comes from index iotas per key block, and the dropout mask is a
+hash of (key, position) that the backward pass regenerates per block. Each training call of an
+attention with dropout draws a fresh key from its `weight_dropout` layer's random generator,
+which the trainer checkpoints (`rng_state_variables`), so a resumed run draws the same masks.
 """
 
 import math
@@ -71,7 +73,6 @@ DROPOUTS = ("attn_dropout", "attn_dropout_a", "attn_dropout_v", "relu_dropout", 
             "res_dropout", "output_dropout", "text_dropout")
 MIN_MEMORY_LAYERS = 3  # MulT: get_network(..., layers=3) -> max(nlevels, 3)
 _LN_EPSILON = 1e-5  # torch.nn.LayerNorm's
-_MASKED_LOGIT = -1e30  # as the core: a finite stand-in for -inf on float32 logits
 
 
 def _torch_default_init(fan_in):
@@ -104,43 +105,9 @@ def causal_keys(q_len, k_len):
     return np.arange(k_len)[None, :] <= np.arange(q_len)[:, None] + offset
 
 
-def _masked_attention_with_dropout(q, k, v, q_mask, kv_mask, *, allowed=None, dropout=None,
-                                   training=None):
-    """The core's fused math plus an optional (Tq, Tk) key mask and dropout on the weights.
-
-    Args:
-      q: (B, Tq, H, Dh). k, v: (B, Tk, H, Dh). q_mask (B, Tq), kv_mask (B, Tk): bool.
-      allowed: optional (Tq, Tk) bool, True where a query may see a key (MulT's causal mask).
-      dropout: optional Dropout layer applied to the unnormalised weights (B, H, Tq, Tk):
-        dividing by the undropped sum afterwards is dropout on the softmax probabilities.
-
-    Returns:
-      (B, Tq, H, Dh) in v's dtype; zeros for a masked query or a query without keys.
-    """
-    if q.dtype == tf.float16:  # float16 logits overflow (see msa_xla.kernels.attention)
-        q, k = tf.cast(q, tf.float32), tf.cast(k, tf.float32)
-    scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    logits = tf.cast(tf.einsum("bqhd,bkhd->bhqk", q * scale, k), tf.float32)  # (B, H, Tq, Tk)
-    key_valid = kv_mask[:, None, None, :]  # (B, 1, 1, Tk)
-    if allowed is not None:
-        key_valid = tf.logical_and(key_valid, allowed[None, None])  # (B, 1, Tq, Tk)
-    logits = tf.where(key_valid, logits, _MASKED_LOGIT)
-    row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
-    weights = tf.where(key_valid, tf.exp(logits - row_max), 0.0)
-    denom = tf.reduce_sum(weights, axis=-1)  # (B, H, Tq)
-    weights = tf.cast(weights, v.dtype)
-    if dropout is not None:
-        weights = dropout(weights, training=training)
-    out = tf.einsum("bhqk,bkhd->bqhd", weights, v)  # (B, Tq, H, Dh)
-    inv = tf.math.divide_no_nan(1.0, denom)
-    inv = tf.where(q_mask[:, None, :], inv, 0.0)
-    inv = tf.transpose(inv, [0, 2, 1])[..., None]  # (B, Tq, H, 1)
-    return out * tf.cast(inv, v.dtype)
-
-
 class MulTAttention(keras.layers.Layer):
     """MulT's multi-head attention: fused (d, 3d) input projection with bias, output projection,
-    dropout on the attention weights, optional causal mask.
+    dropout on the attention weights, optional causal mask (both inside the attention core).
 
     Weights match torch's `MultiheadAttention` of MulT (in_proj (3d, d) + bias, out_proj):
     4d^2 + 4d parameters. Queries, keys and values may come from three different tensors
@@ -155,6 +122,8 @@ class MulTAttention(keras.layers.Layer):
         self.head_dim = self.model_dim // self.num_heads
         self.dropout_rate, self.causal = float(dropout_rate), bool(causal)
         self.attention_impl = validate_impl(attention_impl)
+        # Not applied to a tensor: the source of the core's dropout keys, one per training call,
+        # from a random generator the trainer checkpoints like every Dropout layer's.
         self.weight_dropout = Dropout(self.dropout_rate) if self.dropout_rate else None
 
     def build(self, input_shape):
@@ -165,6 +134,11 @@ class MulTAttention(keras.layers.Layer):
         self.out_kernel = self.add_weight(name="out_kernel", shape=(d, d),
                                           initializer="glorot_uniform")
         self.out_bias = self.add_weight(name="out_bias", shape=(d,), initializer="zeros")
+        if self.weight_dropout is not None:
+            # A Dropout creates its random generator when built by its first call; this one is
+            # never called, so build it here: the model's first (inference) build then holds
+            # every RNG state the trainer checkpoints, as with the other dropout layers.
+            self.weight_dropout.build(None)
         super().build(input_shape)
 
     def _heads(self, x):
@@ -188,16 +162,21 @@ class MulTAttention(keras.layers.Layer):
                 (v,) = tf.unstack(self._heads(linear(value, kernel[:, 2 * d:], bias[2 * d:])),
                                   1, axis=2)
         # q (B, Tq, H, Dh); k, v (B, Tk, H, Dh)
-        dropping = self.weight_dropout is not None and _training(training)
+        # MulT's causal mask (see causal_keys): query i sees keys j <= i + |Tk - Tq|.
+        offset = abs(k.shape[1] - q.shape[1]) if self.causal else None
+
+        def attend(rate):
+            key = self.weight_dropout.draw_key() if rate else None
+            return masked_attention(q, k, v, query_mask, key_mask, impl=self.attention_impl,
+                                    dropout_rate=rate, dropout_key=key, causal_offset=offset)
+
         with tf.name_scope("attention"):
-            if self.causal or dropping:
-                allowed = (tf.constant(causal_keys(q.shape[1], k.shape[1]))
-                           if self.causal else None)
-                out = _masked_attention_with_dropout(
-                    q, k, v, query_mask, key_mask, allowed=allowed,
-                    dropout=self.weight_dropout if dropping else None, training=training)
+            if self.weight_dropout is not None and _training(training):
+                # A symbolic training flag becomes a cond; a Python bool picks one branch.
+                out = tf.__internal__.smart_cond.smart_cond(
+                    training, lambda: attend(self.dropout_rate), lambda: attend(0.0))
             else:
-                out = masked_attention(q, k, v, query_mask, key_mask, impl=self.attention_impl)
+                out = attend(0.0)
         shape = tf.shape(out)
         out = tf.reshape(out, [shape[0], shape[1], d])  # (B, Tq, d)
         return linear(out, tf.cast(self.out_kernel, self.compute_dtype),
