@@ -68,15 +68,7 @@ def _train_here(args, capsys=None):
     from tensorflow.python.framework.config import disable_op_determinism
 
     try:
-        if capsys is not None:
-            return main_in_process(args, capsys)
-        from msa_xla.cli import absl_flags_parser
-        from msa_xla.trainer.main import FLAGS, main
-
-        try:
-            return main(absl_flags_parser(FLAGS)(["msa_xla.train", *args])), "", ""
-        finally:
-            FLAGS.unparse_flags()
+        return main_in_process(args, capsys)
     finally:
         disable_op_determinism()
         keras.backend.experimental.disable_tf_random_generator()

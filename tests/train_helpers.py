@@ -85,9 +85,10 @@ def free_ports(count):
             s.close()
 
 
-def main_in_process(argv, capsys):
+def main_in_process(argv, capsys=None):
     """`python -m msa_xla.train ARGV` in this process, as entry_point runs it (the same flag
-    parser, then main): (exit code, stdout, stderr). The flags are reset afterwards."""
+    parser, then main): (exit code, stdout, stderr). The flags are reset afterwards. Without
+    capsys (a module fixture has none) the output is not captured and comes back as ""."""
     from msa_xla.cli import absl_flags_parser
     from msa_xla.trainer.main import FLAGS, main
 
@@ -97,6 +98,8 @@ def main_in_process(argv, capsys):
         code = stop.code
     finally:
         FLAGS.unparse_flags()
+    if capsys is None:
+        return code, "", ""
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
