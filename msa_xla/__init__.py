@@ -16,6 +16,10 @@ from msa_xla.layers import (
                             create_padding_mask,
 )
 from msa_xla.models import BalancedMSAModel, ImprovedMSAModel, MSAModel, MSASeqLevelModel, MulTModel
+from msa_xla.runtime.compat import skip_autograph
+
+# The package's code is graph-ready: AutoGraph calls it as it is (runtime/compat.py).
+skip_autograph(__name__)
 
 __version__ = "0.1.0"
 

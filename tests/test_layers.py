@@ -165,3 +165,35 @@ def test_fusion_is_unidirectional_by_default():
 def test_bad_hyperparameters_fail_at_construction(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+class _UsersLayer(keras.layers.Layer):
+    """A researcher's own layer around one of ours, in the researcher's module."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = TransformerBlock(D, 4, 32, 0.1)
+
+    def call(self, x, mask, training=None):
+        if training:  # Python control flow: AutoGraph's to rewrite here
+            return self.block(x, mask=mask, training=True)
+        return self.block(x, mask=mask, training=False)
+
+
+def test_autograph_rewrites_users_code_but_not_the_packages(monkeypatch):
+    # Every function AutoGraph rewrites passes through transform_function (cached ones too).
+    from tensorflow.python.autograph.pyct import transpiler
+
+    rewritten = []
+    original = transpiler.PyToPy.transform_function
+
+    def recording(self, fn, *args, **kwargs):
+        rewritten.append(f"{fn.__module__}.{fn.__qualname__}")
+        return original(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(transpiler.PyToPy, "transform_function", recording)
+    layer = _UsersLayer()
+    (x, *_), (mask, *_) = _sequences()
+    tf.function(lambda x, mask: layer(x, mask, training=True))(x, mask)
+    assert f"{__name__}._UsersLayer.call" in rewritten, rewritten
+    assert [name for name in rewritten if name.startswith("msa_xla")] == []

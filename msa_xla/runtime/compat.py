@@ -57,6 +57,27 @@ def xla_target_platform() -> str | None:
     return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
 
+def skip_autograph(package: str) -> None:
+    """Tells AutoGraph to call `package`'s functions as they are, as it does tf_keras' own.
+
+    Why: inside a `tf.function` AutoGraph rewrites the source of every function it meets that
+    is not on its list of graph-ready libraries (TensorFlow, tf_keras, numpy, ...): every layer
+    `call`, the metric and the input parser were parsed and rewritten at each process's first
+    trace, ~11 of the ~48 s of a tiny model's first trainer run (AMD EPYC, TF 2.21). msa_xla's
+    code is written for graph mode (no Python `if`/`for`/`and` on tensors; tf.cond / tf.while_loop
+    where a tensor decides), so it joins that list. A user's own subclass, defined in the user's
+    module, is still converted. Without the hook (a TF that renamed it): only slower traces.
+    """
+    try:
+        from tensorflow.python.autograph.core import config, config_lib
+    except ImportError:  # pragma: no cover
+        return
+    rule = config_lib.DoNotConvert(package)
+    if not any(getattr(r, "_prefix", None) == package and type(r) is type(rule)
+               for r in config.CONVERSION_RULES):
+        config.CONVERSION_RULES = (rule, *config.CONVERSION_RULES)
+
+
 def fresh_collective_keys() -> None:
     """Gives the next MirroredStrategy built in this process collective keys of its own.
 
