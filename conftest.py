@@ -21,6 +21,13 @@ if _CACHE_VARIABLE not in os.environ:  # the session's first process (the xdist 
     os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
         os.environ.get("TF_XLA_FLAGS"),
         f"--tf_xla_persistent_cache_directory={os.environ[_CACHE_VARIABLE]}"]))
+    # LLVM's optimisation of the generated CPU code is a large part of each compilation and buys
+    # nothing for the tests' tiny models, which run a few dozen steps (a tiny model's first
+    # trainer run: ~25-30 s -> ~20 s). It moves results in the last bits only (at higher levels
+    # LLVM may fuse a multiply and an add: max |difference| 7e-7 in a small model's gradients),
+    # and every process of the session, trainer subprocesses included, compiles at this level.
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
 
 @pytest.fixture(autouse=True)
