@@ -141,7 +141,8 @@ BAD_CONFIGS = [
     ("clipnorm", -1.0), ("clipnorm", float("nan")), ("checkpoint_every", -5),
     ("steps_per_execution", -1), ("dropout_rate", 1.0), ("dropout_rate", -0.1),
     ("lr_plateau_factor", 1.5), ("lr_plateau_factor", 0.0), ("lr_plateau_factor", -0.5),
-    ("profile_steps", (5, 2)), ("profile_steps", (1, 2, 3)),
+    ("profile_steps", (5, 2)), ("profile_steps", (1, 2, 3)), ("n_layers_fuse", -1),
+    ("early_stopping_patience", -1), ("lr_plateau_patience", -2),
 ]
 
 

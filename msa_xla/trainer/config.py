@@ -102,7 +102,8 @@ class TrainConfig:
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.learning_rate < math.inf:  # also refuses nan
             raise UserError(f"--learning_rate={self.learning_rate} must be finite and > 0")
-        for name in ("clipnorm", "checkpoint_every", "steps_per_execution"):
+        for name in ("clipnorm", "checkpoint_every", "steps_per_execution", "n_layers_fuse",
+                     "early_stopping_patience", "lr_plateau_patience"):
             if not getattr(self, name) >= 0:  # also refuses nan
                 raise UserError(f"--{name}={getattr(self, name)} must be >= 0")
         if not 0.0 < self.lr_plateau_factor < 1.0:  # keras raises a plain ValueError for >= 1
