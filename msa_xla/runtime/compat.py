@@ -63,7 +63,8 @@ def skip_autograph(package: str) -> None:
     Why: inside a `tf.function` AutoGraph rewrites the source of every function it meets that
     is not on its list of graph-ready libraries (TensorFlow, tf_keras, numpy, ...): every layer
     `call`, the metric and the input parser were parsed and rewritten at each process's first
-    trace, ~11 of the ~48 s of a tiny model's first trainer run (AMD EPYC, TF 2.21). msa_xla's
+    trace: a tiny model's first trainer run took 37 s with that, 25 s without (medians of three,
+    AMD EPYC, TF 2.21). msa_xla's
     code is written for graph mode (no Python `if`/`for`/`and` on tensors; tf.cond / tf.while_loop
     where a tensor decides), so it joins that list. A user's own subclass, defined in the user's
     module, is still converted. Without the hook (a TF that renamed it): only slower traces.
