@@ -7,6 +7,12 @@ import tempfile
 import numpy as np
 import pytest
 
+
+def _append_flag(variable, flag):
+    """Adds `flag` to the flags already in the environment variable `variable`."""
+    os.environ[variable] = " ".join(filter(None, [os.environ.get(variable), flag]))
+
+
 # One XLA compilation cache for the whole test session: the pytest workers and every trainer
 # process they start compile the same tiny models again and again (the 3 SIGKILLed runs of one
 # config and their resume, N-replica runs against 1-replica ones). TensorFlow keys an entry by
@@ -18,16 +24,14 @@ _CACHE_VARIABLE = "MSA_XLA_TEST_XLA_CACHE"
 if _CACHE_VARIABLE not in os.environ:  # the session's first process (the xdist controller)
     os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix="msa_xla-test-xla-cache-")
     atexit.register(shutil.rmtree, os.environ[_CACHE_VARIABLE], ignore_errors=True)
-    os.environ["TF_XLA_FLAGS"] = " ".join(filter(None, [
-        os.environ.get("TF_XLA_FLAGS"),
-        f"--tf_xla_persistent_cache_directory={os.environ[_CACHE_VARIABLE]}"]))
+    _append_flag("TF_XLA_FLAGS",
+                 f"--tf_xla_persistent_cache_directory={os.environ[_CACHE_VARIABLE]}")
     # LLVM's optimisation of the generated CPU code is a large part of each compilation and buys
     # nothing for the tests' tiny models, which run a few dozen steps (a tiny model's first
     # trainer run: ~25-30 s -> ~20 s). It moves results in the last bits only (at higher levels
     # LLVM may fuse a multiply and an add: max |difference| 7e-7 in a small model's gradients),
     # and every process of the session, trainer subprocesses included, compiles at this level.
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-        os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+    _append_flag("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 @pytest.fixture(autouse=True)

@@ -175,7 +175,7 @@ class _UsersLayer(keras.layers.Layer):
         self.block = TransformerBlock(D, 4, 32, 0.1)
 
     def call(self, x, mask, training=None):
-        if training:  # Python control flow: AutoGraph's to rewrite here
+        if training:  # Python control flow in the user's code: AutoGraph rewrites this call
             return self.block(x, mask=mask, training=True)
         return self.block(x, mask=mask, training=False)
 

@@ -64,10 +64,10 @@ def skip_autograph(package: str) -> None:
     is not on its list of graph-ready libraries (TensorFlow, tf_keras, numpy, ...): every layer
     `call`, the metric and the input parser were parsed and rewritten at each process's first
     trace: a tiny model's first trainer run took 37 s with that, 25 s without (medians of three,
-    AMD EPYC, TF 2.21). msa_xla's
-    code is written for graph mode (no Python `if`/`for`/`and` on tensors; tf.cond / tf.while_loop
-    where a tensor decides), so it joins that list. A user's own subclass, defined in the user's
-    module, is still converted. Without the hook (a TF that renamed it): only slower traces.
+    AMD EPYC, TF 2.21). msa_xla's code is written for graph mode (no Python `if`/`for`/`and` on
+    tensors; tf.cond / tf.while_loop where a tensor decides), so it joins that list. A user's
+    own subclass, defined in the user's module, is still converted. Without the hook (a TF
+    that renamed it): only slower traces.
     """
     try:
         from tensorflow.python.autograph.core import config, config_lib
