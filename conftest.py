@@ -14,7 +14,7 @@ def _append_flag(variable, flag):
 
 
 # One XLA compilation cache for the whole test session: the pytest workers and every trainer
-# process they start compile the same tiny models again and again (the 3 SIGKILLed runs of one
+# process they start compile the same tiny models again and again (the SIGKILLed runs of one
 # config and their resume, N-replica runs against 1-replica ones). TensorFlow keys an entry by
 # the HLO module and checks the stored HLO equals the new one before it loads the executable,
 # and writes each entry to a temporary file it then renames, so concurrent processes are safe.
@@ -44,3 +44,10 @@ def _float32_policy_and_doctest_names(doctest_namespace):
 
     keras.mixed_precision.set_global_policy("float32")
     doctest_namespace.update(np=np, tf=tf, keras=keras)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, each tier in collection order. The two workers then start on the long
+    end-to-end runs and finish on the short tests, instead of one worker still running a
+    two-minute test after the other has run out of work."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort

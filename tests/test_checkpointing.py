@@ -129,13 +129,13 @@ def _steps_done(chunks):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
-def test_three_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
+def test_two_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
         data_dir, tmp_path, uninterrupted, capsys):
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"]
     kills = []  # (steps the killed run had done at least, its last checkpoint)
-    for _ in range(3):
+    for _ in range(2):
         before = _latest_step(workdir)
         # One of the next two, at most 60: each kill lands within a step or two of its target
         # (so at most one checkpoint later), and never near the last epoch end (72).
