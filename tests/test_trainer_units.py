@@ -1,6 +1,7 @@
 """Units of msa_xla/trainer in this process, no training run: replica slicing and eval padding
 (inputs.py), TrainConfig validation (config.py), the stateful callbacks' state round trip
-(callbacks.py), and a NaN loss ending main() with exit code 3."""
+(callbacks.py), the fused Adam update (optimizer.py), and a NaN loss ending main() with exit
+code 3."""
 import math
 import types
 
@@ -14,6 +15,7 @@ from msa_xla.errors import UserError
 from msa_xla.trainer.callbacks import EarlyStoppingBest, PlateauLR
 from msa_xla.trainer.config import TrainConfig
 from msa_xla.trainer.inputs import _slice_for_replicas, eval_data, train_data
+from msa_xla.trainer.optimizer import FusedAdam
 from tests.train_helpers import make_tiny_dataset
 
 SIZES = (32, 13, 10)  # train / valid / test: 13 and 10 are not multiples of the batch
@@ -301,3 +303,45 @@ def test_nan_loss_exits_3_with_one_error_line(data_dir, tmp_path, capsys, monkey
     assert lines == ["error: training loss is nan at step 1; stopped (try a lower "
                      "--learning_rate or --clipnorm=1.0)"], err
     assert "Traceback" not in err
+
+
+# ---- optimizer.py: the fused Adam update ----------------------------------------------------------
+def _fit_small_model(optimizer, jit_compile):
+    keras.backend.clear_session()  # the same layer names, so the same slot names, each time
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=optimizer, loss="mae", jit_compile=jit_compile)
+    x = np.random.default_rng(0).normal(size=(48, 5)).astype("float32")
+    model.fit(x, x.sum(axis=1, keepdims=True), batch_size=8, epochs=3, shuffle=False, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_fused_adam_takes_keras_adams_steps_on_the_same_slots(jit_compile):
+    reference = _fit_small_model(keras.optimizers.Adam(0.05), jit_compile)
+    fused = _fit_small_model(FusedAdam(0.05), jit_compile)
+    moved = 0.0
+    for a, b, before in zip(reference.get_weights(), fused.get_weights(),
+                            _fit_small_model(FusedAdam(0.0), jit_compile).get_weights()):
+        np.testing.assert_allclose(b, a, atol=2e-5)  # 18 steps of 0.05: rounding apart only
+        moved = max(moved, float(np.max(np.abs(a - before))))
+    assert moved > 0.1  # the steps themselves are far larger than that tolerance
+    # The same slot variables (names, shapes, values): checkpoints keep their layout.
+    assert [v.name for v in fused.optimizer.variables] == \
+        [v.name for v in reference.optimizer.variables]
+    for a, b in zip(reference.optimizer.variables, fused.optimizer.variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=2e-5)
+
+
+def test_fused_adam_writes_one_update_op_per_variable():
+    variables = [tf.Variable(tf.ones([3, 2])), tf.Variable(tf.zeros([2]))]
+
+    def op_types(optimizer):
+        optimizer.build(variables)
+        step = tf.function(lambda: optimizer.apply_gradients(
+            [(tf.ones_like(v), v) for v in variables]))
+        return [op.type for op in step.get_concrete_function().graph.get_operations()]
+
+    fused, reference = op_types(FusedAdam(0.1)), op_types(keras.optimizers.Adam(0.1))
+    assert fused.count("ResourceApplyAdam") == 2 and "ResourceApplyAdam" not in reference
+    assert len(fused) < len(reference) / 2, (len(fused), len(reference))

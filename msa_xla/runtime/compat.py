@@ -135,3 +135,13 @@ def wait_for_device() -> None:
     from tensorflow.python.eager import context
 
     context.async_wait()
+
+
+def adam_moments(optimizer, variable):
+    """(first moment, second moment) slot variables of tf_keras' Adam for `variable`.
+
+    Why: the fused update (trainer/optimizer.py) writes the same slots tf_keras' Adam creates,
+    so checkpoints and `.keras` files keep their layout; tf_keras offers no public lookup.
+    """
+    index = optimizer._index_dict[optimizer._var_key(variable)]
+    return optimizer._momentums[index], optimizer._velocities[index]

@@ -29,6 +29,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from msa_xla.runtime.distribute import device_platform, xla_can_compile_collectives
+from msa_xla.trainer.optimizer import FusedAdam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +140,8 @@ def install_split_step(model):
 
 
 def make_optimizer(learning_rate: float, clipnorm: float):
-    """Adam; clipnorm > 0 clips each gradient tensor's norm (Keras `clipnorm`, as the spec),
-    applied after the cross-replica all-reduce (tf_keras aggregates, then clips)."""
+    """Adam (one fused update op per variable: trainer/optimizer.py); clipnorm > 0 clips each
+    gradient tensor's norm (Keras `clipnorm`, as the spec), applied after the cross-replica
+    all-reduce (tf_keras aggregates, then clips)."""
     kwargs = {"clipnorm": clipnorm} if clipnorm else {}
-    return keras.optimizers.Adam(learning_rate=learning_rate, **kwargs)
+    return FusedAdam(learning_rate=learning_rate, **kwargs)
