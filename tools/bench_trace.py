@@ -6,7 +6,7 @@ times both phases of one jit-compiled train step (forward, L1 loss, backward, Ad
 under tf_keras' Adam and under the trainer's FusedAdam (msa_xla/trainer/optimizer.py), in one
 process, alternating, each on a fresh model and a fresh tf.function: medians over rounds.
 
-    python tools/bench_trace.py            # seqlevel (spec sizes) and MulT (MMSA's MOSI config)
+    python tools/bench_trace.py            # seqlevel (bench.py's spec) and MulT (MMSA's MOSI)
     python tools/bench_trace.py --quick    # tiny models, seconds
 """
 
@@ -15,16 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),  # the other bench tools
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
-# name -> (model, kwargs): the spec's default sizes and MulT at MMSA's MOSI regression config.
-FULL = {"seqlevel": ("seqlevel", dict(seq_len=50, text_dim=768, audio_dim=74, video_dim=47)),
+from bench import SPEC, SPEC_SIZES, host_info  # noqa: E402
+
+# name -> (model, kwargs): tools/bench.py's spec config at its first size, and MulT at MMSA's
+# MOSI regression config.
+SPEC_MODEL = {k: v for k, v in SPEC.items() if k != "batch_size"}
+FULL = {"seqlevel": ("seqlevel", dict(SPEC_MODEL, model_dim=SPEC_SIZES[0][0],
+                                      ff_dim=SPEC_SIZES[0][1])),
         "mult": ("mult", dict(seq_len=50, text_dim=300, audio_dim=74, video_dim=47))}
 QUICK = {"seqlevel": ("seqlevel", dict(seq_len=8, text_dim=6, audio_dim=5, video_dim=4,
                                        model_dim=16, num_heads=2, ff_dim=32, n_layers_mod=1,
@@ -101,12 +106,7 @@ def main(argv=None):
     if rounds < 1 or args.batch < 1:
         parser.error("--rounds and --batch must be >= 1")
     results = run(QUICK if args.quick else FULL, rounds, args.batch)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = host_info()["cpu"]
     print(f"\nTime to the first train step (medians of {rounds}; {cpu}, {os.cpu_count()} cores)")
     print(f"{'model':10} {'variables':>9} {'optimizer':>11} {'trace s':>8} {'first call s':>13}")
     for name, r in results.items():
