@@ -70,8 +70,17 @@ def test_mirrored_two_cpus_with_mixed_precision_trains_and_writes_results(token_
                       precision=policy)
     assert run(cfg, cpu_replicas=2) == 0
     res = results(tmp_path / "run")
-    assert res["replicas"] == 2 and res["precision"] == policy
+    assert res["replicas"] == 2 and res["precision"] == policy and res["jit"] == "split_step"
     assert all(math.isfinite(v) for v in res["per_seed"][0]["test"].values())
+    if model == "balanced":
+        # BalancedMSAModel's OGM-GE step joins the per-replica XLA computation through
+        # compute_gradients; its coefficients must still reach the logs (updated outside XLA,
+        # averaged over the epoch).
+        history = res["per_seed"][0]["history"]
+        coefficients = {k: v[-1] for k, v in history.items() if k.startswith("coeff_")}
+        assert set(coefficients) == {"coeff_text", "coeff_audio", "coeff_video"}, history
+        assert all(0.0 < value <= 1.0 for value in coefficients.values()), coefficients
+        assert min(coefficients.values()) < 1.0  # one modality dominates and is slowed
 
 
 # ---- 1, 2, 6: the GPU path (no merge_call) for every model, policy and text input ---------------

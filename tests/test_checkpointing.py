@@ -25,6 +25,7 @@ from msa_xla.trainer.checkpointing import (
 from tests.train_helpers import (
     TINY,
     all_ended,
+    built_once,
     finish_all,
     main_in_process,
     make_tiny_dataset,
@@ -74,12 +75,22 @@ def _train_here(args, capsys=None):
         keras.backend.experimental.disable_tf_random_generator()
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(data_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("whole") / "run"
-    code, _, _ = _train_here(RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"])
-    assert code == 0
-    return model_weights(os.path.join(workdir, "seed_3", "model.keras"))
+@pytest.fixture
+def uninterrupted(tmp_path_factory):
+    """A function giving the final weights of RESUME run without interruption. The kill tests
+    call it after their own runs: it trains once for the whole session, in the first test that
+    gets there, while the other (on another worker) is still killing its runs."""
+
+    def train(folder):
+        data = make_tiny_dataset(folder / "data", sizes=(192, 16, 16))
+        code, _, _ = _train_here(RESUME + [f"--data_dir={data}", f"--workdir={folder / 'run'}"])
+        assert code == 0
+
+    def weights():
+        folder = built_once(tmp_path_factory, "uninterrupted", train)
+        return model_weights(os.path.join(folder, "run", "seed_3", "model.keras"))
+
+    return weights
 
 
 def _latest_step(workdir):
@@ -128,7 +139,6 @@ def _steps_done(chunks):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
 def test_two_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
         data_dir, tmp_path, uninterrupted, capsys):
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
@@ -171,12 +181,11 @@ def test_two_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
     assert f"resumed from step {saved[-1]} " in out, (out, kills)
     resumed = model_weights(os.path.join(workdir, "seed_3", "model.keras"))
     assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
-    for a, b in zip(resumed, uninterrupted):
+    for a, b in zip(resumed, uninterrupted()):
         np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("uninterrupted")  # shares one module fixture
 def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterrupted_weights(
         data_dir, tmp_path, uninterrupted, capsys):
     workdir = str(tmp_path / "run")
@@ -212,7 +221,8 @@ def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterru
     assert code == 0, err
     assert f"resumed from step {signalled} " in out, out
     assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
-    for a, b in zip(model_weights(os.path.join(workdir, "seed_3", "model.keras")), uninterrupted):
+    for a, b in zip(model_weights(os.path.join(workdir, "seed_3", "model.keras")),
+                    uninterrupted()):
         np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
 
@@ -220,7 +230,9 @@ def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterru
 @pytest.mark.multiworker
 def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}", "--strategy=multi_worker"]
+    # One epoch (checkpoints at steps 10, 20, 24); the lost worker is under test, not XLA.
+    args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}", "--strategy=multi_worker",
+                     "--epochs=1", "--jit_compile=false"]
     checkpoint = os.path.join(workdir, "seed_3", "checkpoints", "checkpoint")
     workers, ports = start_cluster(args, 2, lambda _: os.path.exists(checkpoint))
     try:
@@ -241,7 +253,7 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     print(f"the survivor stopped {noticed_after:.1f} s after the kill")  # shown with -s
     assert noticed_after < 60, noticed_after  # TF's heartbeats
     saved = _latest_step(workdir)
-    assert 0 < saved < TOTAL_STEPS, saved
+    assert 0 < saved < STEPS_PER_EPOCH, saved
 
     # The same command on both workers (same ports, unless taken meanwhile): they resume from
     # the shared checkpoint.
@@ -250,7 +262,7 @@ def test_a_killed_worker_ends_the_survivor_with_one_line_and_both_resume(data_di
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
     assert f"resumed from step {saved} " in outputs[0][0], outputs[0][0]
-    assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
+    assert results(workdir)["per_seed"][0]["steps"] == STEPS_PER_EPOCH
 
 
 def test_second_run_on_a_locked_workdir_is_refused(tmp_path):

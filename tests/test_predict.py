@@ -6,33 +6,29 @@ import json
 
 import numpy as np
 import pytest
+import tf_keras as keras
 
 from msa_xla.data import make_dataset, synthetic
 from msa_xla.metrics import METRIC_KEYS, msa_metrics
 from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import DIMS, SEQ_LEN, make_tiny_dataset
 
-# Trains through the trainer; one worker trains the module fixture once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("predict")]
-
 SIZES = (32, 11, 13)  # train / valid / test; batch 8: the last valid and test batches are padded
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    import tf_keras as keras
-
+def _train(tmp_path):
+    """A one-epoch trainer run on SIZES: (data folder, workdir)."""
     from msa_xla.trainer.main import run
 
-    data_dir = make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", sizes=SIZES)
-    workdir = tmp_path_factory.mktemp("run") / "run"
+    data_dir = make_tiny_dataset(tmp_path / "data", sizes=SIZES)
+    workdir = tmp_path / "run"
     cfg = TrainConfig(data_dir=data_dir, workdir=str(workdir), model="msa", model_dim=16,
                       num_heads=2, ff_dim=32, n_layers_mod=1, n_layers_fuse=1, batch_size=8,
                       epochs=1, verbose=0)
     try:
         assert run(cfg) == 0
     finally:
-        keras.backend.experimental.disable_tf_random_generator()
+        keras.backend.experimental.disable_tf_random_generator()  # run() enables it
     return data_dir, workdir
 
 
@@ -44,8 +40,6 @@ def _labels(split):
 
 def _saved_model_predictions(model_path, data_dir, split):
     """Keras' own predict loop over every clip of the split (batches of 8, the last partial)."""
-    import tf_keras as keras
-
     import msa_xla.models  # noqa: F401  (registers the classes)
 
     model = keras.models.load_model(str(model_path))
@@ -53,8 +47,14 @@ def _saved_model_predictions(model_path, data_dir, split):
     return model.predict(dataset, verbose=0).reshape(-1)
 
 
-def test_results_json_metrics_equal_a_recomputation_over_every_test_clip(trained):
-    data_dir, workdir = trained
+@pytest.mark.slow
+def test_results_json_and_the_predict_csv_equal_a_recomputation_over_every_clip(tmp_path):
+    # One trained run for both checks (each would otherwise train its own).
+    from msa_xla import predict
+
+    data_dir, workdir = _train(tmp_path)
+
+    # results.json: the test metrics and the best validation MAE.
     res = json.loads((workdir / "results.json").read_text())
     seed = res["per_seed"][0]
     labels = _labels("test")
@@ -70,12 +70,7 @@ def test_results_json_metrics_equal_a_recomputation_over_every_test_clip(trained
     assert seed["best_val_MAE"] == pytest.approx(
         float(np.mean(np.abs(valid - _labels("valid")))), rel=1e-5)
 
-
-def test_predict_csv_is_the_saved_models_predictions_and_the_labels_row_for_row(trained,
-                                                                              tmp_path):
-    from msa_xla import predict
-
-    data_dir, workdir = trained
+    # predict's CSV, row for row.
     output = tmp_path / "pred.csv"
     # batch 4: 13 clips end in a batch of 1, which must be predicted and kept
     assert predict.run(str(workdir), data_dir, "test", str(output), batch_size=4) == 0

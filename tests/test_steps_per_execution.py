@@ -84,12 +84,12 @@ class _SyncCounter:
         self.first, self.last = First(), Last()
 
 
-@pytest.fixture(scope="module")
-def four_per_execution_run(data_dir, tmp_path_factory):
-    """One run at 4 steps per execution with checkpoints every 5 steps and a profile window,
-    probed: (device reads in each execution's batch hooks, the steps checkpoints were saved at).
-    """
-    tmp_path = tmp_path_factory.mktemp("spe")
+@pytest.mark.slow
+def test_four_steps_per_execution_read_the_host_once_each_and_checkpoint_mid_epoch(
+        data_dir, tmp_path):
+    # One run at 4 steps per execution with checkpoints every 5 steps and a profile window,
+    # probed: device reads in each execution's batch hooks, and the steps checkpoints were
+    # saved at (one run for both checks: each is a trainer run with XLA).
     saved = {}
     with pytest.MonkeyPatch.context() as monkeypatch:
         counter = _SyncCounter(monkeypatch)
@@ -101,39 +101,26 @@ def four_per_execution_run(data_dir, tmp_path_factory):
             return [counter.first] + callbacks + [counter.last], handles
 
         monkeypatch.setattr(loop, "build_callbacks", build_with_probes)
-        try:
-            _train(tiny_config(data_dir, tmp_path / "run", steps_per_execution=4,
-                               checkpoint_every=5, profile_steps=(20, 22),
-                               profile_dir=str(tmp_path / "profile")))
-        finally:
-            keras.backend.experimental.disable_tf_random_generator()
-    return counter.per_execution, saved["checkpoint"].saved_steps
+        _train(tiny_config(data_dir, tmp_path / "run", steps_per_execution=4,
+                           checkpoint_every=5, profile_steps=(20, 22),
+                           profile_dir=str(tmp_path / "profile")))
+    executions = counter.per_execution
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("four_per_execution_run")  # shares one module fixture
-def test_one_host_read_per_execution_in_the_batch_hooks(four_per_execution_run):
     # 2 epochs x 3 executions, ending at steps 4, 8, 12 | 16, 20, 24. The NaN check's read of
     # the loss is the only read of each, except: the run's first execution, after which
     # TensorBoard writes the train graph once (it checks whether summaries are recorded); the
     # executions after which a mid-epoch checkpoint is written (steps 8 and 20: a save reads
     # the step and writes every variable); and the profile window's two ends (steps 20, 24:
     # it waits for the device at both ends).
-    executions, _ = four_per_execution_run
     assert len(executions) == 6
     assert executions[0] == 2, executions
     assert [executions[i] for i in (2, 3)] == [1, 1], executions
     assert min(executions[i] for i in (1, 4, 5)) >= 1, executions
 
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("four_per_execution_run")  # shares one module fixture
-def test_mid_epoch_checkpoints_with_steps_not_dividing_checkpoint_every(four_per_execution_run):
-    # Executions end at steps 4, 8, 12 | 16, 20, 24; 4 does not divide checkpoint_every=5:
-    # mid-epoch saves at the first execution end once 5 steps have passed since the last save
-    # (8; 20, as 16 is 4 after the epoch end's 12), and every epoch end (12, 24).
-    _, saved_steps = four_per_execution_run
-    assert saved_steps == [8, 12, 20, 24]
+    # 4 does not divide checkpoint_every=5: mid-epoch saves at the first execution end once 5
+    # steps have passed since the last save (8; 20, as 16 is 4 after the epoch end's 12), and
+    # every epoch end (12, 24).
+    assert saved["checkpoint"].saved_steps == [8, 12, 20, 24]
 
 
 def test_auto_steps_per_execution_by_platform():

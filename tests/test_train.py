@@ -129,18 +129,6 @@ def equiv_config(data_dir, workdir, **overrides):
     return tiny_config(data_dir, workdir, epochs=2, dropout_rate=0.0, seeds=(7,), **overrides)
 
 
-@pytest.fixture(scope="module")
-def one_replica_weights(data_dir, tmp_path_factory):
-    from msa_xla.trainer.main import run
-
-    workdir = tmp_path_factory.mktemp("one") / "run"
-    try:
-        assert run(equiv_config(data_dir, workdir, strategy="cpu")) == 0
-    finally:
-        keras.backend.experimental.disable_tf_random_generator()  # as _legacy_rng_after
-    return model_weights(workdir / "seed_7" / "model.keras")
-
-
 def _assert_same_weights(actual, expected):
     assert len(actual) == len(expected)
     worst = max(float(np.max(np.abs(a - e))) for a, e in zip(actual, expected))
@@ -148,30 +136,30 @@ def _assert_same_weights(actual, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("one_replica_weights")  # shares one module fixture
-def test_mirrored_two_cpus_equals_one_replica(data_dir, tmp_path, one_replica_weights):
+@pytest.mark.multiworker
+def test_two_mirrored_cpus_and_two_worker_processes_each_equal_one_replica(data_dir, tmp_path):
+    # One test for both: they compare with the same one-replica run, trained once.
     from msa_xla.trainer.main import run
 
-    workdir = tmp_path / "run"  # in this process: conftest.py made its two logical CPUs
-    assert run(equiv_config(data_dir, workdir, strategy="mirrored"), cpu_replicas=2) == 0
-    res = results(workdir)
-    assert res["replicas"] == 2 and res["jit"] == "split_step"
-    _assert_same_weights(model_weights(workdir / "seed_7" / "model.keras"), one_replica_weights)
+    def weights(workdir):
+        return model_weights(workdir / "seed_7" / "model.keras")
 
-
-@pytest.mark.slow
-@pytest.mark.multiworker
-@pytest.mark.xdist_group("one_replica_weights")  # shares one module fixture
-def test_multi_worker_two_processes_equals_one_replica(data_dir, tmp_path, one_replica_weights):
-    workdir = tmp_path / "run"
-    processes, _ = start_cluster(EQUIV + [f"--data_dir={data_dir}", f"--workdir={workdir}",
+    multi_worker = tmp_path / "multi_worker"
+    processes, _ = start_cluster(EQUIV + [f"--data_dir={data_dir}", f"--workdir={multi_worker}",
                                           "--strategy=multi_worker"], 2, all_ended)
     outputs = finish_all(processes)
     for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err
-    res = results(workdir)
-    assert res["replicas"] == 2 and res["jit"] == "split_step"
-    _assert_same_weights(model_weights(workdir / "seed_7" / "model.keras"), one_replica_weights)
+
+    one, mirrored = tmp_path / "one", tmp_path / "mirrored"
+    assert run(equiv_config(data_dir, one, strategy="cpu")) == 0
+    # In this process: conftest.py made its two logical CPUs.
+    assert run(equiv_config(data_dir, mirrored, strategy="mirrored"), cpu_replicas=2) == 0
+
+    for workdir in (mirrored, multi_worker):
+        res = results(workdir)
+        assert res["replicas"] == 2 and res["jit"] == "split_step", workdir
+        _assert_same_weights(weights(workdir), weights(one))
 
 
 # ---- bad flags: one line, exit code 2 -----------------------------------------------------------

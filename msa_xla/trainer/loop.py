@@ -119,8 +119,9 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
                   steps_per_epoch=steps_per_epoch, validation_data=valid,
                   validation_steps=valid_steps, callbacks=callbacks,
                   verbose=_verbosity(cfg, chief))
+        # Per epoch: the losses, the LR, and BalancedMSAModel's modulation coefficients.
         history = {key: [float(v) for v in values] for key, values in fit.history.items()
-                   if key in ("loss", "val_loss", "val_MAE", "lr")}
+                   if key in ("loss", "val_loss", "val_MAE", "lr") or key.startswith("coeff_")}
         if handles["checkpoint"].preempted:
             return None
     traces = (model.train_function.experimental_get_tracing_count()
