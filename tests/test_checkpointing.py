@@ -25,7 +25,6 @@ from msa_xla.trainer.checkpointing import (
 from tests.train_helpers import (
     TINY,
     all_ended,
-    built_once,
     finish_all,
     main_in_process,
     make_tiny_dataset,
@@ -75,24 +74,6 @@ def _train_here(args, capsys=None):
         keras.backend.experimental.disable_tf_random_generator()
 
 
-@pytest.fixture
-def uninterrupted(tmp_path_factory):
-    """A function giving the final weights of RESUME run without interruption. The kill tests
-    call it after their own runs: it trains once for the whole session, in the first test that
-    gets there, while the other (on another worker) is still killing its runs."""
-
-    def train(folder):
-        data = make_tiny_dataset(folder / "data", sizes=(192, 16, 16))
-        code, _, _ = _train_here(RESUME + [f"--data_dir={data}", f"--workdir={folder / 'run'}"])
-        assert code == 0
-
-    def weights():
-        folder = built_once(tmp_path_factory, "uninterrupted", train)
-        return model_weights(os.path.join(folder, "run", "seed_3", "model.keras"))
-
-    return weights
-
-
 def _latest_step(workdir):
     """The step of the newest complete checkpoint (the manager's `checkpoint` file), or 0."""
     try:
@@ -138,91 +119,96 @@ def _steps_done(chunks):
     return step
 
 
+def _uninterrupted_weights(data_dir, tmp_path):
+    """The final weights of RESUME run here without interruption."""
+    code, _, _ = _train_here(RESUME + [f"--data_dir={data_dir}", f"--workdir={tmp_path}"])
+    assert code == 0
+    return model_weights(os.path.join(tmp_path, "seed_3", "model.keras"))
+
+
+def _run_until(args, ready, rng):
+    """Starts `python -m msa_xla.train ARGS --verbose=1` and waits until `ready(steps shown by
+    the progress bar)` holds, then a random 0-20 ms: (process, its stdout chunks, reader)."""
+    process = run_train(args + ["--verbose=1"], wait=False)
+    chunks, reader = _follow_stdout(process)
+    deadline = time.time() + 180
+    while not ready(_steps_done(chunks)):
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline, f"never ready: {chunks[-3:]}"
+        time.sleep(0.003)
+    time.sleep(rng.uniform(0, 0.02))
+    assert process.poll() is None, "the run finished before the signal"
+    return process, chunks, reader
+
+
+def _resumed_step(out):
+    resumed = re.search(r"resumed from step (\d+)", out)
+    return int(resumed.group(1)) if resumed else 0
+
+
 @pytest.mark.slow
-def test_two_sigkills_at_random_steps_then_resume_match_uninterrupted_run(
-        data_dir, tmp_path, uninterrupted, capsys):
+def test_two_sigkills_then_a_sigterm_then_the_resume_give_the_uninterrupted_weights(
+        data_dir, tmp_path, capsys):
+    # One chain of runs on one workdir: two SIGKILLs at random steps, a SIGTERM, the resume.
     rng = random.Random(2026)  # seeded: the same kill points on every run of the suite
     workdir = str(tmp_path / "run")
     args = RESUME + [f"--data_dir={data_dir}", f"--workdir={workdir}"]
+
+    # ---- two SIGKILLs: each rerun resumes from the last checkpoint the kill left -----------------
     kills = []  # (steps the killed run had done at least, its last checkpoint)
     for _ in range(2):
         before = _latest_step(workdir)
-        # One of the next two, at most 60: each kill lands within a step or two of its target
-        # (so at most one checkpoint later), and never near the last epoch end (72).
-        target = rng.choice([s for s in CHECKPOINT_STEPS if before < s <= 60][:2])
-        process = run_train(args + ["--verbose=1"], wait=False)
-        chunks, reader = _follow_stdout(process)
-        deadline = time.time() + 180
+        # One of the next two, at most 30: each kill lands within a step or two of its target
+        # (so at most one checkpoint later, 40), leaving epoch 3 (48-72) to the SIGTERM below.
+        target = rng.choice([s for s in CHECKPOINT_STEPS if before < s <= 30][:2])
         # Past the target checkpoint, then until the progress bar shows a step after the newest
         # checkpoint: the kill then loses the steps since that checkpoint, which the rerun replays.
-        while _latest_step(workdir) < target or _steps_done(chunks) <= _latest_step(workdir):
-            assert process.poll() is None, process.stderr.read()
-            assert time.time() < deadline, f"no progress past step {target}: {chunks[-3:]}"
-            time.sleep(0.003)
-        time.sleep(rng.uniform(0, 0.02))
-        assert process.poll() is None, "the run finished before the kill"
+        process, chunks, reader = _run_until(
+            args, lambda shown, target=target: (_latest_step(workdir) >= target
+                                                and shown > _latest_step(workdir)), rng)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         reader.join(timeout=30)
         process.stdout.close()
         process.stderr.close()
-        out = "".join(chunks)
         assert process.returncode == -signal.SIGKILL
-        resumed = re.search(r"resumed from step (\d+)", out)
-        # Each rerun picks up where the previous kill left its last checkpoint.
-        assert (int(resumed.group(1)) if resumed else 0) == before, (out, before)
+        assert _resumed_step("".join(chunks)) == before, ("".join(chunks), before)
         kills.append((_steps_done(chunks), _latest_step(workdir)))
     saved = [checkpoint for _, checkpoint in kills]
-    assert saved == sorted(saved) and saved[-1] < TOTAL_STEPS, kills
+    assert saved == sorted(saved) and saved[-1] < 2 * STEPS_PER_EPOCH, kills
     # At least one kill lost steps done after its last checkpoint (the rerun trains them again).
     assert any(done > checkpoint for done, checkpoint in kills), kills
-    code, out, err = _train_here(args, capsys)  # the resume: in this process
-    assert code == 0, err
-    assert f"resumed from step {saved[-1]} " in out, (out, kills)
-    resumed = model_weights(os.path.join(workdir, "seed_3", "model.keras"))
-    assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
-    for a, b in zip(resumed, uninterrupted()):
-        np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
-
-@pytest.mark.slow
-def test_sigterm_saves_the_signalled_step_exits_143_and_resumes_to_the_uninterrupted_weights(
-        data_dir, tmp_path, uninterrupted, capsys):
-    workdir = str(tmp_path / "run")
-    # Without --checkpoint_every only the epoch ends (24, 48, 72) and the SIGTERM save checkpoint.
-    args = RESUME + ["--checkpoint_every=0", f"--data_dir={data_dir}", f"--workdir={workdir}"]
-    process = run_train(args + ["--verbose=2"], wait=False)
-    try:
-        # Keras prints "Epoch 2/3" as epoch 2 begins, after epoch 1's validation and checkpoint
-        # (step 24): the signal reaches epoch 2's steps (or its validation, then epoch 3's first
-        # step), never the last validation.
-        for line in iter(process.stdout.readline, ""):
-            if line.startswith("Epoch 2/3"):
-                break
-        else:
-            raise AssertionError(output_of(process)[1])
-        process.send_signal(signal.SIGTERM)
-        out, err = output_of(process, timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # ---- SIGTERM: saves the step it stopped at, exits 143 ----------------------------------------
+    # Without --checkpoint_every only the epoch ends (24, 48, 72) and the SIGTERM save write
+    # checkpoints. The signal lands a few steps into epoch 3, far from its last validation: a
+    # checkpoint between 48 and 72 can only be the SIGTERM's.
+    process, chunks, reader = _run_until(
+        args + ["--checkpoint_every=0"], lambda shown: shown > 2 * STEPS_PER_EPOCH + 1, rng)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    reader.join(timeout=30)
+    out, err = "".join(chunks), process.stderr.read()
+    process.stdout.close()
+    process.stderr.close()
     assert process.returncode == EXIT_PREEMPTED, err
+    assert _resumed_step(out) == saved[-1], out
     assert "preempted (SIGTERM): checkpoint saved" in out, out
     signalled = _latest_step(workdir)
-    # The checkpoint the SIGTERM wrote, at the step it stopped: after epoch 1's (24), before the
-    # end (72). A SIGTERM that stopped without saving would leave 24 here.
-    assert STEPS_PER_EPOCH < signalled < TOTAL_STEPS, signalled
+    assert 2 * STEPS_PER_EPOCH < signalled < TOTAL_STEPS, signalled
     checkpoints = os.path.join(workdir, "seed_3", "checkpoints")
     assert os.path.isfile(os.path.join(checkpoints, f"ckpt-{signalled}.index"))
     with open(os.path.join(checkpoints, f"trainer-{signalled}.json")) as f:
         assert json.load(f)["step"] == signalled
     assert not os.path.exists(os.path.join(workdir, "seed_3", "result.json"))
-    code, out, err = _train_here(args, capsys)  # the resume: in this process
+
+    # ---- the resume, in this process: bit-identical to the uninterrupted run -------------------
+    code, out, err = _train_here(args, capsys)
     assert code == 0, err
-    assert f"resumed from step {signalled} " in out, out
+    assert f"resumed from step {signalled} " in out, (out, kills, signalled)
     assert results(workdir)["per_seed"][0]["steps"] == TOTAL_STEPS
-    for a, b in zip(model_weights(os.path.join(workdir, "seed_3", "model.keras")),
-                    uninterrupted()):
+    resumed = model_weights(os.path.join(workdir, "seed_3", "model.keras"))
+    for a, b in zip(resumed, _uninterrupted_weights(data_dir, tmp_path / "uninterrupted")):
         np.testing.assert_array_equal(a, b)  # --deterministic: bit-identical
 
 

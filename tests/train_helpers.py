@@ -1,9 +1,7 @@
 """Shared helpers of the trainer tests: a tiny dataset, tiny-model flags, subprocess runs."""
-import fcntl
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,24 +23,6 @@ def make_tiny_dataset(folder, sizes=SIZES, tokenize=False):
     writer.convert(splits, folder, source_format="synthetic", source_path="-", tokenize=tokenize,
                    log=lambda line: None)
     return str(folder)
-
-
-def built_once(tmp_path_factory, name, build):
-    """The folder `build(folder)` fills, built once per test session: the first test to ask for
-    it, in whichever pytest-xdist worker, builds it under a file lock; the others wait for it,
-    then reuse it. (A module fixture is built once in each worker whose tests use it.)"""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # this session's folder, shared by its workers
-    folder = root / name
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (folder / ".complete").exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
-            folder.mkdir()
-            build(folder)
-            (folder / ".complete").touch()
-    return folder
 
 
 def without_xla_cache(env):
