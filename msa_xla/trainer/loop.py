@@ -165,9 +165,9 @@ def export_best_model(per_seed, workdir):
     """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel for serving
     (msa_xla/models/serving.py)."""
     best = min(per_seed, key=lambda run: run["best_val_MAE"])
-    model = keras.models.load_model(best["model_path"])
     paths = {"seed": best["seed"], "keras": storage.join(workdir, "best_model.keras"),
              "savedmodel": storage.join(workdir, "best_model_savedmodel")}
-    model.save(paths["keras"])
-    export_for_serving(model, paths["savedmodel"])
+    storage.copy(best["model_path"], paths["keras"], overwrite=True)  # the file, byte for byte
+    # Loaded, not the model in memory: that one lives under the run's strategy.
+    export_for_serving(keras.models.load_model(best["model_path"]), paths["savedmodel"])
     return paths
