@@ -119,9 +119,9 @@ def test_save_and_load_keras_and_the_serving_savedmodel(name, tmp_path):
     np.testing.assert_allclose(served, want, atol=1e-6)
 
 
-# The default model here; every other model trains under jit_compile (the whole step is one XLA
-# computation on one CPU replica) through the trainer: test_train's
-# test_each_model_learns_and_writes_complete_results and test_mult's trainer test.
+# The default model here; every other model trains under jit_compile through the trainer:
+# improved in test_train, msa in test_predict, balanced in test_steps_per_execution (and on two
+# replicas in test_accelerator), mult in test_mult.
 @pytest.mark.parametrize("name", ["seqlevel"])
 def test_fit_with_jit_compile_learns_to_half_the_constant_predictors_error(name):
     inputs = padded_inputs(batch=16)

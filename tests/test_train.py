@@ -1,5 +1,6 @@
-"""The trainer end to end: each model learns and writes complete results; one trace over two epochs;
-N replicas (Mirrored over 2 logical CPUs, 2 MultiWorker processes) == 1 replica; bad flags."""
+"""The trainer end to end: each model learns and writes complete results (the default model in a
+process of its own: one trace and one XLA compilation over three epochs); N replicas (Mirrored
+over 2 logical CPUs, 2 MultiWorker processes) == 1 replica; bad flags."""
 import glob
 import os
 
@@ -45,21 +46,10 @@ def tiny_config(data_dir, workdir, **overrides):
     return TrainConfig(**values)
 
 
-@pytest.mark.slow
-# The default model's run compiles the whole step with XLA; the others run without XLA (the
-# trainer's XLA path is the same for every model, and each model's step lowers to XLA in
-# test_models' static-HLO tests; the predict test trains msa and the steps-per-execution test
-# balanced through the trainer with XLA).
-@pytest.mark.parametrize("model, jit", [("seqlevel", "whole_step"), ("msa", "kernels_only"),
-                                        ("improved", "kernels_only"),
-                                        ("balanced", "kernels_only")])
-def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model, jit):
-    from msa_xla.trainer.main import run
-
-    jit_compile = "auto" if jit == "whole_step" else "false"
-    assert run(tiny_config(data_dir, tmp_path / "run", model=model,
-                           jit_compile=jit_compile)) == 0
-    res = results(tmp_path / "run")
+def _assert_learned_and_complete(workdir, model, jit):
+    """results.json of a 3-epoch run is complete, the loss fell, and the SavedModel's serving
+    signature predicts what the .keras model predicts."""
+    res = results(workdir)
     seed_run = res["per_seed"][0]
     loss = seed_run["history"]["loss"]
     assert len(loss) == 3 and loss[-1] < loss[0], loss
@@ -68,8 +58,7 @@ def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model
     assert res["config"]["model"] == model and res["data_metadata"]["splits"]["test"]["count"] == 24
     assert res["samples_per_second"] > 0 and res["hardware"]["tensorflow"]
     assert res["strategy"] == "OneDeviceStrategy" and res["jit"] == jit
-    assert os.path.isdir(tmp_path / "run" / "seed_1111" / "tensorboard" / "train")
-    # The SavedModel's serving signature predicts what the .keras model predicts.
+    assert os.path.isdir(workdir / "seed_1111" / "tensorboard" / "train")
     best = keras.models.load_model(res["best_model"]["keras"])
     inputs = best.example_inputs(3)
     rng = np.random.default_rng(0)
@@ -78,6 +67,7 @@ def test_each_model_learns_and_writes_complete_results(data_dir, tmp_path, model
     serve = tf.saved_model.load(res["best_model"]["savedmodel"]).signatures["serving_default"]
     served = serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"]
     np.testing.assert_allclose(served, best(inputs, training=False), rtol=1e-5, atol=1e-6)
+    return seed_run
 
 
 def _xla_modules(dump_dir, name):
@@ -87,25 +77,40 @@ def _xla_modules(dump_dir, name):
 
 
 @pytest.mark.slow
-def test_train_step_traced_and_xla_compiled_once_over_two_epochs_with_validation(data_dir,
-                                                                                 tmp_path):
+def test_default_model_learns_with_its_train_step_traced_and_xla_compiled_once(data_dir,
+                                                                               tmp_path):
+    # `python -m msa_xla.train` as a user runs it, the default model with XLA (whole step).
     # One trace is not enough: a jit-compiled attention unit nested in the jit train step once
     # made XLA treat every argument as a constant and recompile the step on every call, with
     # the tracing count still 1. XLA's own dump counts compilations.
     dump = tmp_path / "xla"
-    code, _, err = run_train(
-        TINY + [f"--data_dir={data_dir}", f"--workdir={tmp_path / 'run'}", "--epochs=2",
-                "--checkpoint_every=0", "--dropout_rate=0.1"],
-        # Without the session's compilation cache: an executable loaded from it is not dumped.
-        env=without_xla_cache({**os.environ, "XLA_FLAGS":
-                               f"--xla_dump_to={dump} --xla_dump_hlo_module_re=.*run_step.*"}))
+    env = without_xla_cache(os.environ)  # an executable loaded from the cache is not dumped
+    env["XLA_FLAGS"] = " ".join(filter(None, [
+        env.get("XLA_FLAGS"), f"--xla_dump_to={dump}", "--xla_dump_hlo_module_re=.*run_step.*"]))
+    code, _, err = run_train(TINY + [f"--data_dir={data_dir}", f"--workdir={tmp_path / 'run'}",
+                                     "--epochs=3", "--checkpoint_every=0", "--dropout_rate=0.1"],
+                             env=env)
     assert code == 0, err
+    seed_run = _assert_learned_and_complete(tmp_path / "run", "seqlevel", "whole_step")
     # Keras names both the train and the eval step `run_step`: one compilation each, for
-    # 16 train steps, 2 validations and the test evaluation (padded batches keep shapes static).
+    # 24 train steps, 3 validations and the test evaluation (padded batches keep shapes static).
     assert len(_xla_modules(dump, "run_step")) == 2, sorted(_xla_modules(dump, "run_step"))
-    seed_run = results(tmp_path / "run")["per_seed"][0]
-    assert len(seed_run["history"]["val_MAE"]) == 2
+    assert len(seed_run["history"]["val_MAE"]) == 3
     assert seed_run["train_function_traces"] == 1
+
+
+@pytest.mark.slow
+# improved with XLA (no other test trains it through the trainer); msa and balanced without:
+# the predict and steps-per-execution tests train them through the trainer with XLA.
+@pytest.mark.parametrize("model, jit", [("msa", "kernels_only"), ("improved", "whole_step"),
+                                        ("balanced", "kernels_only")])
+def test_each_other_model_learns_and_writes_complete_results(data_dir, tmp_path, model, jit):
+    from msa_xla.trainer.main import run
+
+    jit_compile = "auto" if jit == "whole_step" else "false"
+    assert run(tiny_config(data_dir, tmp_path / "run", model=model,
+                           jit_compile=jit_compile)) == 0
+    _assert_learned_and_complete(tmp_path / "run", model, jit)
 
 
 @pytest.mark.slow
