@@ -114,7 +114,7 @@ def test_each_other_model_learns_and_writes_complete_results(data_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_two_seeds_give_mean_and_std(data_dir, tmp_path):
+def test_two_seeds_give_mean_and_std_and_export_the_best_seeds_model(data_dir, tmp_path):
     from msa_xla.trainer.main import run
 
     # The aggregation over seeds is under test, not XLA: no compile (jit_compile=false).
@@ -124,6 +124,20 @@ def test_two_seeds_give_mean_and_std(data_dir, tmp_path):
     maes = [r["test"]["MAE"] for r in res["per_seed"]]
     assert res["summary"]["MAE"]["mean"] == pytest.approx(np.mean(maes))
     assert res["summary"]["MAE"]["std"] == pytest.approx(np.std(maes))
+    # The best seed (lowest validation MAE) is exported, as .keras and as the SavedModel (the
+    # model kept in memory, whichever seed trained last).
+    best = min(res["per_seed"], key=lambda run: run["best_val_MAE"])
+    assert res["best_model"]["seed"] == best["seed"]
+    expected = keras.models.load_model(best["model_path"])
+    exported = keras.models.load_model(res["best_model"]["keras"])
+    inputs = expected.example_inputs(2)
+    want = expected(inputs, training=False)
+    np.testing.assert_array_equal(exported(inputs, training=False), want)
+    serve = tf.saved_model.load(res["best_model"]["savedmodel"]).signatures["serving_default"]
+    np.testing.assert_allclose(serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"], want,
+                               rtol=1e-5, atol=1e-6)
+    other = next(run for run in res["per_seed"] if run is not best)
+    assert not np.allclose(keras.models.load_model(other["model_path"])(inputs), want)
 
 
 # ---- N replicas == 1 replica --------------------------------------------------------------------

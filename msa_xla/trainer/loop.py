@@ -64,7 +64,8 @@ def _verbosity(cfg, chief):
 
 
 def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
-    """Trains one seed; returns its result dict, or None when preempted (checkpoint saved)."""
+    """Trains one seed; returns (its result dict, the trained model or None for a seed finished
+    by an earlier run), or None when preempted (checkpoint saved)."""
     log = log or (lambda message: None)
     seed_dir = storage.join(own_dir, f"seed_{seed}")
     if not chief:  # every worker resumes from the chief's state (checkpointing.py)
@@ -77,7 +78,7 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     result_path = storage.join(seed_dir, "result.json")
     if storage.isfile(result_path):
         log(f"seed {seed}: already finished ({result_path})")
-        return storage.read_json(result_path)
+        return storage.read_json(result_path), None
     counts = {s: meta["splits"][s]["count"] for s in ("train", "valid", "test")}
     steps_per_epoch = counts["train"] // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
@@ -158,16 +159,17 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     log(f"seed {seed}: test MAE {result['test']['MAE']:.4f}, Non0_acc_2 "
         f"{100 * result['test']['Non0_acc_2']:.2f}% (best val_MAE {result['best_val_MAE']:.4f} "
         f"at epoch {result['best_epoch']})")
-    return result
+    return result, model
 
 
-def export_best_model(per_seed, workdir):
+def export_best_model(per_seed, workdir, trained=None):
     """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel for serving
-    (msa_xla/models/serving.py)."""
+    (msa_xla/models/serving.py). `trained`: {seed: model still in memory, with the weights its
+    model.keras holds}; the best seed's is exported without loading its file again."""
     best = min(per_seed, key=lambda run: run["best_val_MAE"])
     paths = {"seed": best["seed"], "keras": storage.join(workdir, "best_model.keras"),
              "savedmodel": storage.join(workdir, "best_model_savedmodel")}
     storage.copy(best["model_path"], paths["keras"], overwrite=True)  # the file, byte for byte
-    # Loaded, not the model in memory: that one lives under the run's strategy.
-    export_for_serving(keras.models.load_model(best["model_path"]), paths["savedmodel"])
+    model = (trained or {}).get(best["seed"]) or keras.models.load_model(best["model_path"])
+    export_for_serving(model, paths["savedmodel"])
     return paths

@@ -123,6 +123,7 @@ def _setup_cpu_devices(count: int) -> None:
 def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     """The whole job; returns the exit code. User errors raise (see main)."""
     _setup_cpu_devices(cpu_replicas)
+    import tensorflow as tf
     import tf_keras as keras
 
     from msa_xla.data import ensure_builtin_dataset, load_metadata
@@ -140,8 +141,6 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     policy = precision.resolve_precision(cfg.precision, strategy)
     precision.apply_precision(policy)
     if cfg.deterministic:
-        import tensorflow as tf
-
         tf.config.experimental.enable_op_determinism()
     # Dropout through tf.random.Generator: seeded under XLA too, and its state is checkpointed.
     keras.backend.experimental.enable_tf_random_generator()
@@ -174,6 +173,10 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     from msa_xla.trainer.loop import train_one_seed
 
     per_seed = []
+    # The best seed's model so far, kept to export it without reading its file back: only a
+    # one-device model, whose variables are plain (a distributed model's are per replica).
+    trained = {}
+    keep_models = isinstance(strategy, tf.distribute.OneDeviceStrategy)
     try:
         for seed in cfg.seeds:
             outcome = train_one_seed(cfg, seed=seed, strategy=strategy, meta=meta,
@@ -181,7 +184,11 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
             if outcome is None:  # preempted: checkpoint saved
                 log("preempted (SIGTERM): checkpoint saved; rerun the same command to resume")
                 return cli.EXIT_PREEMPTED
-            per_seed.append(outcome)
+            result, model = outcome
+            per_seed.append(result)
+            if keep_models and model is not None and min(
+                    per_seed, key=lambda run: run["best_val_MAE"]) is result:
+                trained = {seed: model}
     finally:
         lock.release()
 
@@ -194,7 +201,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
     from msa_xla.trainer.loop import export_best_model
     from msa_xla.trainer.results import build_results, format_table, write_results
 
-    best_paths = export_best_model(per_seed, workdir)
+    best_paths = export_best_model(per_seed, workdir, trained)
     results = build_results(
         config=cfg.to_dict(), metadata=meta, per_seed=per_seed,
         run_info={"strategy": type(strategy).__name__, "replicas": replicas,
