@@ -15,7 +15,8 @@ L1 loss, backward, gradient clipping by value 0.6 and an Adam update (MMSA's Mul
 `trains/singleTask/MULT.py`, with its MOSI config: lr 0.002, grad_clip 0.6).
 - MMSA: `AMIO(get_config_regression('mult', 'mosi'))` with feature dims 300/74/47, eager
   PyTorch, `torch.set_num_threads(2)`.
-- msa_xla: `MulTModel` with the same config, the whole step one `tf.function(jit_compile=True)`.
+- msa_xla: `MulTModel` with the same config, the whole step one `tf.function(jit_compile=True)`,
+  Adam as the trainer builds it (`make_optimizer`: one fused update op per variable).
   MMSA's config has `attn_mask: true` and its encoder has no positions, so the model is built
   with `causal_mask=True, positional=False`: the same computation, plus padding masks.
   Attention core: `fused` for the aligned shapes, `chunked` for the unaligned ones (its memory
@@ -36,7 +37,6 @@ Exits 1 on any difference and names it.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +47,7 @@ REPO_DIR = os.path.dirname(TOOLS_DIR)
 sys.path[:0] = [TOOLS_DIR, REPO_DIR]
 
 import numpy as np  # noqa: E402
+from bench import host_info  # noqa: E402
 
 from msa_xla.data.synthetic import MOSI_DIMS as DIMS  # noqa: E402  (300, 74, 47)
 
@@ -74,17 +75,6 @@ def _peers():
     except ImportError as err:
         sys.exit(f"error: {err.name} is not installed: pip install -e '.[peers]'")
     return torch, get_config_regression, AMIO
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mmsa_config(seq_lens):
@@ -153,13 +143,14 @@ def xla_step_fn(config, seq_lens, features, masks, labels, attention_impl="fused
     import tf_keras as keras
 
     from msa_xla import MulTModel
+    from msa_xla.trainer.step import make_optimizer
 
     keras.utils.set_random_seed(0)
     model = MulTModel(**mult_kwargs(config, seq_lens, attention_impl=attention_impl))
     inputs = tuple(tf.constant(x) for x in features) + tuple(tf.constant(m) for m in masks)
     target = tf.constant(labels)
     model(inputs)
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+    optimizer = make_optimizer(config.learning_rate, clipnorm=0)  # the trainer's Adam
     clip = float(config.grad_clip)
 
     @tf.function(jit_compile=True)
@@ -225,14 +216,14 @@ def bench_shape(name, plan, log):
 
 
 def bench(args, log):
-    import tensorflow as tf
     import torch
 
     torch.set_num_threads(TORCH_THREADS)
     plan = QUICK_PLAN if args.quick else PLAN
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    result = {"host": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_start": load,
-                       "torch": torch.__version__, "tensorflow": tf.__version__},
+    host = host_info()  # bench.py's: CPU name and ISA, Python, TF
+    result = {"host": {**host, "cores": os.cpu_count(), "load_average_start": load,
+                       "torch": torch.__version__},
               "shapes": {}}
     for name in args.shapes.split(","):
         result["shapes"][name] = bench_shape(name, plan[name], log)
