@@ -132,12 +132,16 @@ def _run_until(args, ready, rng):
     process = run_train(args + ["--verbose=1"], wait=False)
     chunks, reader = _follow_stdout(process)
     deadline = time.time() + 180
-    while not ready(_steps_done(chunks)):
-        assert process.poll() is None, process.stderr.read()
-        assert time.time() < deadline, f"never ready: {chunks[-3:]}"
-        time.sleep(0.003)
-    time.sleep(rng.uniform(0, 0.02))
-    assert process.poll() is None, "the run finished before the signal"
+    try:
+        while not ready(_steps_done(chunks)):
+            assert process.poll() is None, process.stderr.read()
+            assert time.time() < deadline, f"never ready: {chunks[-3:]}"
+            time.sleep(0.003)
+        time.sleep(rng.uniform(0, 0.02))
+        assert process.poll() is None, "the run finished before the signal"
+    except BaseException:
+        process.kill()  # no run outlives a failed test
+        raise
     return process, chunks, reader
 
 

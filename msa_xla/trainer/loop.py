@@ -170,6 +170,8 @@ def export_best_model(per_seed, workdir, trained=None):
     paths = {"seed": best["seed"], "keras": storage.join(workdir, "best_model.keras"),
              "savedmodel": storage.join(workdir, "best_model_savedmodel")}
     storage.copy(best["model_path"], paths["keras"], overwrite=True)  # the file, byte for byte
-    model = (trained or {}).get(best["seed"]) or keras.models.load_model(best["model_path"])
+    model = (trained or {}).get(best["seed"])
+    if model is None:
+        model = keras.models.load_model(best["model_path"])
     export_for_serving(model, paths["savedmodel"])
     return paths
