@@ -25,12 +25,15 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)),  # the other bench t
 
 from bench import SPEC, SPEC_SIZES, host_info  # noqa: E402
 
+from msa_xla.data.synthetic import MOSI_DIMS  # noqa: E402  (300, 74, 47)
+
 # name -> (model, kwargs): tools/bench.py's spec config at its first size, and MulT at MMSA's
 # MOSI regression config.
 SPEC_MODEL = {k: v for k, v in SPEC.items() if k != "batch_size"}
 FULL = {"seqlevel": ("seqlevel", dict(SPEC_MODEL, model_dim=SPEC_SIZES[0][0],
                                       ff_dim=SPEC_SIZES[0][1])),
-        "mult": ("mult", dict(seq_len=50, text_dim=300, audio_dim=74, video_dim=47))}
+        "mult": ("mult", dict(zip(("text_dim", "audio_dim", "video_dim"), MOSI_DIMS),
+                              seq_len=50))}
 QUICK = {"seqlevel": ("seqlevel", dict(seq_len=8, text_dim=6, audio_dim=5, video_dim=4,
                                        model_dim=16, num_heads=2, ff_dim=32, n_layers_mod=1,
                                        n_layers_fuse=1)),

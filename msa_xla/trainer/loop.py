@@ -162,11 +162,16 @@ def train_one_seed(cfg, *, seed, strategy, meta, own_dir, chief, log=None):
     return result, model
 
 
+def best_result(per_seed):
+    """The result of the best seed: the lowest best validation MAE (the first of equals)."""
+    return min(per_seed, key=lambda run: run["best_val_MAE"])
+
+
 def export_best_model(per_seed, workdir, trained=None):
     """Copies the best seed's model (lowest val MAE) as .keras and as a SavedModel for serving
     (msa_xla/models/serving.py). `trained`: {seed: model still in memory, with the weights its
     model.keras holds}; the best seed's is exported without loading its file again."""
-    best = min(per_seed, key=lambda run: run["best_val_MAE"])
+    best = best_result(per_seed)
     paths = {"seed": best["seed"], "keras": storage.join(workdir, "best_model.keras"),
              "savedmodel": storage.join(workdir, "best_model_savedmodel")}
     storage.copy(best["model_path"], paths["keras"], overwrite=True)  # the file, byte for byte

@@ -170,7 +170,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
             f"workdir {workdir}")
         log(f"strategy {type(strategy).__name__} x{replicas} on "
             f"{distribute.device_platform(strategy)}; precision {policy}")
-    from msa_xla.trainer.loop import train_one_seed
+    from msa_xla.trainer.loop import best_result, train_one_seed
 
     per_seed = []
     # The best seed's model so far, kept to export it without reading its file back: only a
@@ -186,8 +186,7 @@ def run(cfg: TrainConfig, cpu_replicas: int = 0) -> int:
                 return cli.EXIT_PREEMPTED
             result, model = outcome
             per_seed.append(result)
-            if keep_models and model is not None and min(
-                    per_seed, key=lambda run: run["best_val_MAE"]) is result:
+            if keep_models and model is not None and best_result(per_seed) is result:
                 trained = {seed: model}
     finally:
         lock.release()
