@@ -185,11 +185,17 @@ def _attention_math(q, k, v, q_mask, kv_mask, dropout_key=None, dropout_rate=0.0
     q_len, k_len = _shape(q)[1], _shape(k)[1]
     key_valid = _allowed_keys(kv_mask, q_len, 0, k_len, causal_offset)  # (B, 1, 1|Tq, Tk)
     logits = tf.where(key_valid, logits, _MASKED_LOGIT)
-    row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
-    weights = tf.where(key_valid, tf.exp(logits - row_max), 0.0)
+    # The row max only keeps exp in range and cancels in the normalisation, so its gradient is
+    # zero: stop_gradient spares the backward pass an argmax mask over (B, H, Tq, Tk).
+    row_max = tf.stop_gradient(tf.reduce_max(logits, axis=-1, keepdims=True))
+    # No second mask: a masked logit's exp(-1e30 - max) is exactly 0, unless the row has no
+    # valid key at all (max -1e30, every weight 1); `has_key` zeroes those rows through `inv`.
+    # One (B, H, Tq, Tk) pass fewer, forward and backward.
+    weights = tf.exp(logits - row_max)
+    has_key = row_max[..., 0] > 0.5 * _MASKED_LOGIT  # (B, H, Tq)
     # Normalise after the value matmul: (B, Tq, H, 1) divisions instead of (B, H, Tq, Tk).
-    denom = tf.reduce_sum(weights, axis=-1)  # (B, H, Tq)
-    inv = tf.math.divide_no_nan(1.0, denom)  # 0 for rows with no valid key
+    denom = tf.reduce_sum(weights, axis=-1)  # (B, H, Tq), >= 1 where has_key
+    inv = tf.where(has_key, 1.0 / denom, 0.0)
     if dropout_rate:
         # Dropping unnormalised weights and dividing by the undropped sum is dropout on P.
         keep = _dropout_keep((dropout_rate, dropout_key), _shape(weights), 0,
