@@ -11,7 +11,7 @@ from msa_xla import ImprovedMSAModel, MSAModel, MSASeqLevelModel
 from msa_xla.models import MODELS
 from msa_xla.models.balanced import modulation_coefficients
 from msa_xla.models.mult import DROPOUTS as MULT_DROPOUTS
-from msa_xla.models.serving import INPUT_NAMES, export_for_serving
+from msa_xla.models.serving import export_for_serving
 from tests.model_checks import (
     POLICIES,
     SMALL,
@@ -23,6 +23,7 @@ from tests.model_checks import (
     padded_inputs,
     with_noisy_padding,
 )
+from tests.train_helpers import served
 
 MODEL_NAMES = sorted(MODELS)
 # Where each case costs an XLA compile or a SavedModel export (10-80 s on 2 cores), the quick tier
@@ -114,9 +115,7 @@ def test_save_and_load_keras_and_the_serving_savedmodel(name, tmp_path):
     # The SavedModel the trainer writes (models/serving.py): its signature, reloaded without
     # msa_xla's classes, gives the model's predictions on padded inputs.
     export_for_serving(model, str(tmp_path / "served"))
-    serve = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
-    served = serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"]
-    np.testing.assert_allclose(served, want, atol=1e-6)
+    np.testing.assert_allclose(served(tmp_path / "served", inputs), want, atol=1e-6)
 
 
 # The default model here; every other model trains under jit_compile through the trainer:

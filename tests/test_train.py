@@ -11,7 +11,6 @@ import tf_keras as keras
 
 from msa_xla.data.integrity import CorruptRecordsWarning
 from msa_xla.metrics import METRIC_KEYS
-from msa_xla.models.serving import INPUT_NAMES
 from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import (
     TINY,
@@ -22,6 +21,7 @@ from tests.train_helpers import (
     model_weights,
     results,
     run_train,
+    served,
     start_cluster,
     without_xla_cache,
 )
@@ -64,9 +64,8 @@ def _assert_learned_and_complete(workdir, model, jit):
     rng = np.random.default_rng(0)
     inputs = tuple(tf.constant(rng.normal(size=x.shape), x.dtype) if x.dtype.is_floating else x
                    for x in inputs[:3]) + (tf.sequence_mask([8, 5, 1], 8),) + inputs[4:]
-    serve = tf.saved_model.load(res["best_model"]["savedmodel"]).signatures["serving_default"]
-    served = serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"]
-    np.testing.assert_allclose(served, best(inputs, training=False), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served(res["best_model"]["savedmodel"], inputs),
+                               best(inputs, training=False), rtol=1e-5, atol=1e-6)
     return seed_run
 
 
@@ -133,8 +132,7 @@ def test_two_seeds_give_mean_and_std_and_export_the_best_seeds_model(data_dir, t
     inputs = expected.example_inputs(2)
     want = expected(inputs, training=False)
     np.testing.assert_array_equal(exported(inputs, training=False), want)
-    serve = tf.saved_model.load(res["best_model"]["savedmodel"]).signatures["serving_default"]
-    np.testing.assert_allclose(serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"], want,
+    np.testing.assert_allclose(served(res["best_model"]["savedmodel"], inputs), want,
                                rtol=1e-5, atol=1e-6)
     other = next(run for run in res["per_seed"] if run is not best)
     assert not np.allclose(keras.models.load_model(other["model_path"])(inputs), want)

@@ -113,6 +113,17 @@ def model_weights(path):
     return [np.asarray(w) for w in keras.models.load_model(path).get_weights()]
 
 
+def served(savedmodel_dir, inputs):
+    """Predictions of the trainer's serving SavedModel (models/serving.py), loaded without
+    msa_xla's classes, for inputs in the model's order."""
+    import tensorflow as tf
+
+    from msa_xla.models.serving import INPUT_NAMES
+
+    serve = tf.saved_model.load(str(savedmodel_dir)).signatures["serving_default"]
+    return serve(**dict(zip(INPUT_NAMES, inputs)))["sentiment"]
+
+
 def results(workdir):
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)
