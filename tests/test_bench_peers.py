@@ -44,3 +44,11 @@ def test_mult_gives_mmsas_outputs_on_copied_weights():
     from bench_peers import check_model
 
     assert check_model(log=lambda line: None) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_the_benchmark_keeps_glibcs_heap_for_torch():
+    # Valid mallopt options and values return 1: a wrong option number makes this None.
+    from bench_peers import keep_malloc_heap
+
+    assert keep_malloc_heap() == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 256 << 20}

@@ -11,6 +11,7 @@ import tf_keras as keras
 
 from msa_xla.data.integrity import CorruptRecordsWarning
 from msa_xla.metrics import METRIC_KEYS
+from msa_xla.runtime import allocator
 from msa_xla.trainer.config import TrainConfig
 from tests.train_helpers import (
     TINY,
@@ -84,6 +85,7 @@ def test_default_model_learns_with_its_train_step_traced_and_xla_compiled_once(d
     # the tracing count still 1. XLA's own dump counts compilations.
     dump = tmp_path / "xla"
     env = without_xla_cache(os.environ)  # an executable loaded from the cache is not dumped
+    env.pop(allocator.VARIABLE, None)  # the trainer's own choice of CPU allocator
     env["XLA_FLAGS"] = " ".join(filter(None, [
         env.get("XLA_FLAGS"), f"--xla_dump_to={dump}", "--xla_dump_hlo_module_re=.*run_step.*"]))
     code, _, err = run_train(TINY + [f"--data_dir={data_dir}", f"--workdir={tmp_path / 'run'}",
@@ -96,6 +98,8 @@ def test_default_model_learns_with_its_train_step_traced_and_xla_compiled_once(d
     assert len(_xla_modules(dump, "run_step")) == 2, sorted(_xla_modules(dump, "run_step"))
     assert len(seed_run["history"]["val_MAE"]) == 3
     assert seed_run["train_function_traces"] == 1
+    # Pooled memory (runtime/allocator.py): a plain malloc page-faults every step's buffers in.
+    assert results(tmp_path / "run")["hardware"]["cpu_allocator"] == "bfc"
 
 
 @pytest.mark.slow

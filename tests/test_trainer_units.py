@@ -1,8 +1,9 @@
 """Units of msa_xla/trainer in this process, no training run: replica slicing and eval padding
 (inputs.py), TrainConfig validation (config.py), the stateful callbacks' state round trip
-(callbacks.py), the fused Adam update (optimizer.py), and a NaN loss ending main() with exit
-code 3."""
+(callbacks.py), the fused Adam update (optimizer.py), a NaN loss ending main() with exit
+code 3, and the trainer's choice of CPU allocator (runtime/allocator.py)."""
 import math
+import os
 import types
 
 import numpy as np
@@ -345,3 +346,14 @@ def test_fused_adam_writes_one_update_op_per_variable():
     fused, reference = op_types(FusedAdam(0.1)), op_types(keras.optimizers.Adam(0.1))
     assert fused.count("ResourceApplyAdam") == 2 and "ResourceApplyAdam" not in reference
     assert len(fused) < len(reference) / 2, (len(fused), len(reference))
+
+
+def test_the_pooled_cpu_allocator_is_asked_for_unless_the_environment_decides(monkeypatch):
+    from msa_xla.runtime import allocator
+
+    monkeypatch.delenv(allocator.VARIABLE, raising=False)
+    allocator.prefer_pooled_cpu_allocator()
+    assert os.environ[allocator.VARIABLE] == "true"
+    monkeypatch.setenv(allocator.VARIABLE, "false")  # a user's malloc stays malloc
+    allocator.prefer_pooled_cpu_allocator()
+    assert os.environ[allocator.VARIABLE] == "false"

@@ -69,9 +69,11 @@ def host_info():
         isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     except (OSError, StopIteration):
         isa = []
+    from msa_xla.runtime.allocator import cpu_allocator
+
     return {"cpu": cpu, "cpus": os.cpu_count(), "isa": isa, "python": platform.python_version(),
             "tensorflow": tf.__version__, "tf_keras": keras.__version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "cpu_allocator": cpu_allocator()}
 
 
 def timed_calls(call, reps):

@@ -21,6 +21,12 @@ L1 loss, backward, gradient clipping by value 0.6 and an Adam update (MMSA's Mul
   with `causal_mask=True, positional=False`: the same computation, plus padding masks.
   Attention core: `fused` for the aligned shapes, `chunked` for the unaligned ones (its memory
   grows with T_q x block, not T_q x T_k; `tools/mult_memory.py` measures the step's peak RSS).
+  TF's CPU allocator is the trainer's: the BFC pool (msa_xla/runtime/allocator.py).
+- Memory for both: torch takes its CPU tensors from malloc. Alone, glibc raises its mmap
+  threshold as torch frees large blocks and serves them from the heap again; beside TF's BFC
+  pool it did not, and MMSA lost 10-25% to page faults (`TF_CPU_ALLOCATOR_USE_BFC=true`
+  vs `false`, same tool). So this tool fixes glibc's threshold at its 32 MiB maximum and keeps
+  freed memory (`mallopt`, `keep_malloc_heap`): MMSA then runs at least as fast as alone.
 Batch 32; aligned 50/50/50 and unaligned 50/375/500 (text/audio/video); random features with
 random true lengths, zero padding after them (MMSA reads the padding as data; msa_xla masks it).
 
@@ -35,6 +41,7 @@ lengths (unaligned), labels, ids and, when the pickle has `text_bert`, the token
 Exits 1 on any difference and names it.
 """
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -50,6 +57,9 @@ import numpy as np  # noqa: E402
 from bench import host_info  # noqa: E402
 
 from msa_xla.data.synthetic import MOSI_DIMS as DIMS  # noqa: E402  (300, 74, 47)
+from msa_xla.runtime.allocator import prefer_pooled_cpu_allocator  # noqa: E402
+
+prefer_pooled_cpu_allocator()  # as the trainer runs (msa_xla/runtime/allocator.py)
 
 TORCH_THREADS = 2
 BATCH = 32
@@ -215,15 +225,31 @@ def bench_shape(name, plan, log):
     }
 
 
+def keep_malloc_heap():
+    """glibc: blocks up to 32 MiB from the reused heap, not fresh pages (see the docstring).
+
+    Returns what was set, or None where there is no glibc `mallopt` (the host line says so).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    settings = {"M_MMAP_THRESHOLD": (-3, 32 << 20), "M_TRIM_THRESHOLD": (-1, 256 << 20)}
+    if not all(libc.mallopt(option, value) == 1 for option, value in settings.values()):
+        return None
+    return {name: value for name, (_, value) in settings.items()}
+
+
 def bench(args, log):
     import torch
 
+    malloc = keep_malloc_heap()  # before torch's first tensor
     torch.set_num_threads(TORCH_THREADS)
     plan = QUICK_PLAN if args.quick else PLAN
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     host = host_info()  # bench.py's: CPU name and ISA, Python, TF
     result = {"host": {**host, "cores": os.cpu_count(), "load_average_start": load,
-                       "torch": torch.__version__},
+                       "torch": torch.__version__, "glibc_malloc": malloc},
               "shapes": {}}
     for name in args.shapes.split(","):
         result["shapes"][name] = bench_shape(name, plan[name], log)
@@ -234,7 +260,9 @@ def bench(args, log):
 def format_bench(result):
     host = result["host"]
     lines = [f"CPU: {host['cpu']} ({host['cores']} cores), torch {host['torch']} "
-             f"({TORCH_THREADS} threads), TF {host['tensorflow']}; load average "
+             f"({TORCH_THREADS} threads), TF {host['tensorflow']} (CPU allocator "
+             f"{host.get('cpu_allocator', '?')}, glibc malloc "
+             f"{'kept heap' if host.get('glibc_malloc') else 'default'}); load average "
              f"{host['load_average_start']:.2f} -> {host['load_average_end']:.2f}", "",
              "| shapes t/a/v | candidate | best samples/s | median | parameters |",
              "|---|---|---|---|---|"]

@@ -22,7 +22,10 @@ from absl import app, flags  # noqa: E402
 
 from msa_xla import cli  # noqa: E402
 from msa_xla.errors import UserError  # noqa: E402
+from msa_xla.runtime.allocator import prefer_pooled_cpu_allocator  # noqa: E402
 from msa_xla.trainer.config import CHOICES, DEFAULT_EPOCHS, TrainConfig  # noqa: E402
+
+prefer_pooled_cpu_allocator()  # before TF creates its devices (runtime/allocator.py: why)
 
 # ----------------------------------------------------------------------------------------------
 # flags

@@ -30,9 +30,11 @@ def summarize(per_seed: list[dict]) -> dict:
 def hardware_info() -> dict:
     import tensorflow as tf
 
+    from msa_xla.runtime.allocator import cpu_allocator
+
     return {"host": platform.node(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__,
+            "tensorflow": tf.__version__, "cpu_allocator": cpu_allocator(),
             "devices": [d.name for d in tf.config.list_logical_devices()]}
 
 
