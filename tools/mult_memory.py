@@ -4,8 +4,10 @@
     /usr/bin/time -v python tools/mult_memory.py --shapes unaligned --batch 32
 
 Builds `MulTModel` exactly as `tools/bench_peers.py` does (MMSA's config: needs the peers
-extra), runs `--steps` jit-compiled train steps on random inputs and prints the process's peak
-RSS (`ru_maxrss`). Memory, unlike speed, is a robust number on a shared host.
+extra; TF's BFC pool unless `TF_CPU_ALLOCATOR_USE_BFC=false`), runs `--steps` jit-compiled train
+steps on random inputs and prints the process's peak RSS (`ru_maxrss`) and the median
+samples/s of the steps after the first (which compiles). Memory, unlike speed, is a robust
+number on a shared host; for speed beside MMSA, use bench_peers.
 
 `--cap_gb` stops the process (exit 1, one line) once its resident memory passes the cap, so a
 step that cannot fit does not push the host into its OOM killer.
@@ -13,6 +15,7 @@ step that cannot fit does not push the host into its OOM killer.
 import argparse
 import os
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -21,6 +24,8 @@ TOOLS_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [TOOLS_DIR]
 
 import bench_peers  # noqa: E402  (puts the repository on sys.path too)
+
+from msa_xla.runtime.allocator import cpu_allocator  # noqa: E402
 
 
 def _rss_gb():
@@ -58,12 +63,17 @@ def main(argv=None):
     impl = args.attention_impl or bench_peers.attention_impl_for(args.shapes)
     step, params, _ = bench_peers.xla_step_fn(config, seq_lens, features, masks, labels,
                                               attention_impl=impl)
+    rates = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         loss = step()
+        rates.append(args.batch / (time.perf_counter() - start))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    print(f"{args.shapes} {seq_lens} batch {args.batch} attention_impl={impl}: {params:,} "
-          f"parameters, {args.steps} steps, loss {loss:.4f}, peak RSS {peak_kb / 1e6:.2f} GB "
-          f"({peak_kb:,} kB)")
+    speed = (f", {statistics.median(rates[1:]):.2f} samples/s (median after the first step)"
+             if len(rates) > 1 else "")
+    print(f"{args.shapes} {seq_lens} batch {args.batch} attention_impl={impl}, CPU allocator "
+          f"{cpu_allocator()}: {params:,} parameters, {args.steps} "
+          f"steps, loss {loss:.4f}, peak RSS {peak_kb / 1e6:.2f} GB ({peak_kb:,} kB){speed}")
 
 
 if __name__ == "__main__":
