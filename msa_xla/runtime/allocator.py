@@ -6,7 +6,8 @@ activations in again (a MulT step's B x H x Tq x Tk attention maps above all), a
 kernels wait on the kernel's page clearing instead of computing. TF's BFC allocator (the one it
 uses on GPUs) keeps freed blocks in a pool and hands them out again. The price: a process keeps
 its peak, BFC never returns the pool to the OS. `TF_CPU_ALLOCATOR_USE_BFC=false` in the
-environment keeps malloc. Measured with `tools/bench_peers.py` (README, "MulT beside MMSA").
+environment keeps malloc. Measured with `tools/bench_peers.py` (README, "MulT against MMSA's
+PyTorch MulT").
 
 TF reads the variable once, when it creates its devices, so `prefer_pooled_cpu_allocator` must
 run before the first op; `import tensorflow` alone does not create them.
