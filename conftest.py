@@ -33,8 +33,10 @@ if _CACHE_VARIABLE not in os.environ:  # the session's first process (the xdist 
     # and every process of the session, trainer subprocesses included, compiles at this level.
     _append_flag("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
-# The workers allocate as the trainer does (msa_xla/runtime/allocator.py): their in-process
-# trainer runs are then the ones `python -m msa_xla.train` makes. Read when TF creates devices.
+# The workers allocate as the trainer does: their in-process trainer runs are then the ones
+# `python -m msa_xla.train` makes. Read when TF creates devices. This is
+# msa_xla.runtime.allocator.prefer_pooled_cpu_allocator written out: importing it would import
+# msa_xla, and with it TensorFlow, into the xdist controller, which never runs TF.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
 
