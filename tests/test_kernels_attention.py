@@ -335,3 +335,34 @@ def test_chunked_with_dropout_and_causal_stores_no_full_attention_map():
     assert "[2,2,6,4]" in hlo
     for k_len in (23, 24):  # unpadded and padded to whole blocks
         assert f"[2,2,6,{k_len}]" not in hlo and f"[2,6,{k_len}]" not in hlo
+
+
+def test_fused_backward_recomputes_the_attention_maps_instead_of_storing_them():
+    # Eight attentions with dropout in a row, forward and backward as one XLA program. Stored
+    # for the backward pass, their (B, H, Tq, Tk) float32 maps would take 8 maps of memory or
+    # more (autodiff's gradient kept two per attention, and XLA's buffers peaked at 32 maps);
+    # recomputed in the backward, only the attention being differentiated has maps alive
+    # (peak 4 maps). XLA allocates its
+    # temporaries from TF's allocator, whose peak the BFC pool tracks (conftest.py asks for it).
+    batch, heads, length, depth, layers = 4, 4, 256, 8, 8
+    attention_map = batch * heads * length * length * 4  # bytes
+    x = tf.random.normal((batch, length, heads, depth))
+    mask = tf.sequence_mask(tf.fill([batch], length - 3), length)
+
+    @tf.function(jit_compile=True)
+    def forward_and_backward(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            h = x
+            for i in range(layers):
+                h = h + masked_attention(h, h, h, mask, mask, impl="fused", dropout_rate=RATE,
+                                         dropout_key=tf.constant([i, 7]))
+            loss = tf.reduce_sum(h * h)
+        return tape.gradient(loss, x)
+
+    forward_and_backward(x)  # compiles
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    forward_and_backward(x)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    assert attention_map < peak < layers * attention_map, peak / attention_map

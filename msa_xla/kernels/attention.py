@@ -17,7 +17,9 @@ Three implementations of the same math, chosen by one validated string:
 
 - ``reference``: einsum, float32 softmax, einsum. Readable; the oracle of the tests.
 - ``fused``: the same math as one ``tf.function(jit_compile=True)`` unit, so XLA fuses
-  scale, mask, softmax and both matmuls even when the surrounding step is not compiled.
+  scale, mask, softmax and both matmuls even when the surrounding step is not compiled. Its
+  hand-written backward pass recomputes the (B, H, Tq, Tk) weights from q and k, so no
+  attention map is kept from the forward pass to the backward one.
 - ``chunked``: online softmax over key blocks (flash-attention style) with a hand-written
   backward pass that recomputes each block, so forward and backward keep O(Tq x block)
   instead of O(Tq x Tk) activations: each is one ``tf.while_loop`` over the static key
@@ -174,38 +176,95 @@ def _reference(q, k, v, q_mask, kv_mask, dropout, causal_offset):
 
 def _attention_math(q, k, v, q_mask, kv_mask, dropout_key=None, dropout_rate=0.0,
                     causal_offset=None):
-    """The fused path: matmuls in the input dtype, logits and softmax in float32."""
-    if q.dtype == tf.float16:
+    """The fused path: matmuls in the input dtype, logits and softmax in float32.
+
+    A custom gradient: the backward pass recomputes the (B, H, Tq, Tk) weights from q and k
+    (one matmul and one exp) instead of keeping them, and the dropout mask from its key, so
+    no attention map outlives the forward pass. Stored instead: the row max and normaliser
+    (B, H, Tq) and the output. Autodiff kept the weights and, with dropout, the dropped
+    weights as well: two float32 maps per attention, most of a MulT step's memory on long
+    unaligned sequences.
+    """
+    inv_keep = 1.0 / quantized_keep_probability(dropout_rate) if dropout_rate else 1.0
+    q_len, k_len = _shape(q)[1], _shape(k)[1]
+
+    def matmul_inputs(q, k):
         # float16 tops out at 65504: q.k of activations in the hundreds overflows to inf and
         # the softmax gives NaN. bfloat16 has float32's range and keeps its fast matmul.
-        q, k = tf.cast(q, tf.float32), tf.cast(k, tf.float32)
-    scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    logits = tf.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, H, Tq, Tk)
-    logits = tf.cast(logits, tf.float32)
-    q_len, k_len = _shape(q)[1], _shape(k)[1]
-    key_valid = _allowed_keys(kv_mask, q_len, 0, k_len, causal_offset)  # (B, 1, 1|Tq, Tk)
-    logits = tf.where(key_valid, logits, _MASKED_LOGIT)
-    # The row max only keeps exp in range and cancels in the normalisation, so its gradient is
-    # zero: stop_gradient spares the backward pass an argmax mask over (B, H, Tq, Tk).
-    row_max = tf.stop_gradient(tf.reduce_max(logits, axis=-1, keepdims=True))
-    # No second mask: a masked logit's exp(-1e30 - max) is exactly 0, unless the row has no
-    # valid key at all (max -1e30, every weight 1); `has_key` zeroes those rows through `inv`.
-    # One (B, H, Tq, Tk) pass fewer, forward and backward.
-    weights = tf.exp(logits - row_max)
-    has_key = row_max[..., 0] > 0.5 * _MASKED_LOGIT  # (B, H, Tq)
-    # Normalise after the value matmul: (B, Tq, H, 1) divisions instead of (B, H, Tq, Tk).
-    denom = tf.reduce_sum(weights, axis=-1)  # (B, H, Tq), >= 1 where has_key
-    inv = tf.where(has_key, 1.0 / denom, 0.0)
-    if dropout_rate:
-        # Dropping unnormalised weights and dividing by the undropped sum is dropout on P.
-        keep = _dropout_keep((dropout_rate, dropout_key), _shape(weights), 0,
-                             k_len)
-        weights = tf.where(keep, weights, 0.0)
-        inv = inv * (1.0 / quantized_keep_probability(dropout_rate))  # exact, in float32
-    out = tf.einsum("bhqk,bkhd->bqhd", tf.cast(weights, v.dtype), v)  # (B, Tq, H, Dh)
-    inv = tf.where(q_mask[:, None, :], inv, 0.0)
-    inv = tf.transpose(inv, [0, 2, 1])[..., None]  # (B, Tq, H, 1)
-    return out * tf.cast(inv, v.dtype)
+        if q.dtype == tf.float16:
+            return tf.cast(q, tf.float32), tf.cast(k, tf.float32)
+        return q, k
+
+    def masked_logits(q, k, scale):
+        logits = tf.cast(tf.einsum("bqhd,bkhd->bhqk", q * scale, k), tf.float32)
+        key_valid = _allowed_keys(kv_mask, q_len, 0, k_len, causal_offset)  # (B, 1, 1|Tq, Tk)
+        return tf.where(key_valid, logits, _MASKED_LOGIT)
+
+    def dropped(weights):
+        """`weights` where the dropout mask keeps them, else 0 (no mask without dropout)."""
+        if not dropout_rate:
+            return weights
+        keep = _dropout_keep((dropout_rate, dropout_key), _shape(weights), 0, k_len)
+        return tf.where(keep, weights, 0.0)
+
+    @tf.custom_gradient
+    def attention(q, k, v):
+        qc, kc = matmul_inputs(q, k)
+        scale = tf.cast(1.0 / math.sqrt(q.shape[-1]), qc.dtype)
+        # The row max keeps exp in range and cancels in the normalisation. No second mask: a
+        # masked logit's exp(-1e30 - max) is exactly 0, unless the row has no valid key at all
+        # (max -1e30, every weight 1); `has_key` zeroes those rows through `inv`.
+        logits = masked_logits(qc, kc, scale)  # (B, H, Tq, Tk)
+        row_max = tf.reduce_max(logits, axis=-1, keepdims=True)
+        weights = tf.exp(logits - row_max)
+        has_key = row_max[..., 0] > 0.5 * _MASKED_LOGIT  # (B, H, Tq)
+        # Normalise after the value matmul: (B, Tq, H, 1) divisions instead of (B, H, Tq, Tk).
+        # inv is 1 / row sum of the undropped weights (dropout on P), 0 for rows that output 0.
+        valid_row = tf.logical_and(has_key, q_mask[:, None, :])
+        inv = tf.where(valid_row, 1.0 / tf.reduce_sum(weights, axis=-1), 0.0)
+        out = tf.einsum("bhqk,bkhd->bqhd", tf.cast(dropped(weights), v.dtype), v)
+        out = out * tf.cast(tf.transpose(inv * inv_keep, [0, 2, 1])[..., None], v.dtype)
+        scope = gradient_scope()  # the backward ops' names (kernels/scopes.py)
+
+        def grad(d_out):
+            with tf.name_scope(scope):
+                return _grad(d_out)
+
+        def _grad(d_out):
+            # P = softmax of the masked logits (rows of 0 where `inv` is 0), P~ = P * M / keep
+            # the dropped probabilities, O = P~ V. Then dV = P~^T dO, dP~ = dO V^T and
+            # dS = P~ * dP~ - P * D, with D = sum_j P~_j (dO . V_j) = dO . O one scalar per
+            # row, computed from the stored output.
+            qb, kb = _after(matmul_inputs(q, k), d_out)  # recompute once dO exists
+            weights = tf.exp(masked_logits(qb, kb, scale) - row_max)
+            probs = weights * inv[..., None]
+            probs_dropped = dropped(probs) * inv_keep if dropout_rate else probs
+            d_probs = tf.cast(tf.einsum("bqhd,bkhd->bhqk", d_out, v), tf.float32)
+            row_dot = tf.reduce_sum(tf.cast(d_out, tf.float32) * tf.cast(out, tf.float32),
+                                    axis=-1)  # (B, Tq, H)
+            d_logits = (probs_dropped * d_probs
+                        - probs * tf.transpose(row_dot, [0, 2, 1])[..., None])
+            d_logits = tf.cast(d_logits, qb.dtype)
+            d_q = tf.einsum("bhqk,bkhd->bqhd", d_logits, kb) * scale
+            d_k = tf.einsum("bhqk,bqhd->bkhd", d_logits, qb) * scale
+            d_v = tf.einsum("bhqk,bqhd->bkhd", tf.cast(probs_dropped, v.dtype), d_out)
+            return tf.cast(d_q, q.dtype), tf.cast(d_k, k.dtype), d_v
+
+        return out, grad
+
+    return attention(q, k, v)
+
+
+def _after(tensors, gradient):
+    """`tensors` plus a zero computed from `gradient`: the same values, which XLA can neither
+    compute before `gradient` exists nor merge (CSE) with the forward pass's identical ops, so
+    a recomputation in a custom gradient really happens in the backward pass. (XLA:CPU drops
+    optimization barriers before its CSE: with one, the recomputed weights merged back into
+    the forward's and were stored after all.) XLA does not fold `x * 0` for floats (NaN
+    semantics); a non-finite gradient element counts as 0, so the values never change."""
+    first = tf.reduce_sum(tf.reshape(gradient, [-1])[:1])
+    zero = tf.where(tf.math.is_finite(first), first, tf.zeros_like(first)) * 0
+    return tuple(t + tf.cast(zero, t.dtype) for t in tensors)
 
 
 _fused_xla = tf.function(_attention_math, jit_compile=True, autograph=False,
