@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from msa_xla.kernels import ATTENTION_IMPLS, masked_attention
+from msa_xla.runtime.allocator import cpu_allocator
 
 # Relative and absolute, on outputs of O(1) (values are N(0, 1)): float32 rounding, then about
 # 4 ulps of bfloat16 (8-bit mantissa, eps 2^-8) and of float16 (11-bit, eps 2^-11).
@@ -342,8 +343,9 @@ def test_fused_backward_recomputes_the_attention_maps_instead_of_storing_them():
     # for the backward pass, their (B, H, Tq, Tk) float32 maps would take 8 maps of memory or
     # more (autodiff's gradient kept two per attention, and XLA's buffers peaked at 32 maps);
     # recomputed in the backward, only the attention being differentiated has maps alive
-    # (peak 4 maps). XLA allocates its
-    # temporaries from TF's allocator, whose peak the BFC pool tracks (conftest.py asks for it).
+    # (peak 4 maps). XLA allocates its temporaries from TF's allocator, whose peak only the BFC
+    # pool tracks (conftest.py asks for it).
+    assert cpu_allocator() == "bfc", "needs TF_CPU_ALLOCATOR_USE_BFC=true (conftest.py)"
     batch, heads, length, depth, layers = 4, 4, 256, 8, 8
     attention_map = batch * heads * length * length * 4  # bytes
     x = tf.random.normal((batch, length, heads, depth))

@@ -19,8 +19,8 @@ L1 loss, backward, gradient clipping by value 0.6 and an Adam update (MMSA's Mul
   Adam as the trainer builds it (`make_optimizer`: one fused update op per variable).
   MMSA's config has `attn_mask: true` and its encoder has no positions, so the model is built
   with `causal_mask=True, positional=False`: the same computation, plus padding masks.
-  Attention core: `fused` for both shapes (its backward pass recomputes the attention maps, so
-  the unaligned step peaks at 8.3 GB beside MMSA's; `tools/mult_memory.py` measures it).
+  Attention core: `fused` for both shapes (its backward pass recomputes the attention maps: the
+  unaligned step alone peaks at 8.3 GB, `tools/mult_memory.py`, and fits beside MMSA's).
   TF's CPU allocator is the trainer's: the BFC pool (msa_xla/runtime/allocator.py).
 - Memory for both: torch takes its CPU tensors from malloc. Alone, glibc raises its mmap
   threshold as torch frees large blocks and serves them from the heap again; beside TF's BFC
