@@ -238,7 +238,7 @@ def _attention_math(q, k, v, q_mask, kv_mask, dropout_key=None, dropout_rate=0.0
             qb, kb = _after(matmul_inputs(q, k), d_out)  # recompute once dO exists
             weights = tf.exp(masked_logits(qb, kb, scale) - row_max)
             probs = weights * inv[..., None]
-            probs_dropped = dropped(probs) * inv_keep if dropout_rate else probs
+            probs_dropped = dropped(probs) * inv_keep  # inv_keep is 1.0 without dropout
             d_probs = tf.cast(tf.einsum("bqhd,bkhd->bhqk", d_out, v), tf.float32)
             row_dot = tf.reduce_sum(tf.cast(d_out, tf.float32) * tf.cast(out, tf.float32),
                                     axis=-1)  # (B, Tq, H)
